@@ -1,0 +1,29 @@
+"""qfrewrite: graph-rewriting passes that make pretrained MobileNet-family models survive 8-bit quantization.
+
+    import qfrewrite
+    from qfrewrite import passes
+    result = qfrewrite.rewrite("model.h5", passes=[passes.FoldBatchNorm()])
+    result.to_tflite("model.tflite")
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of user output
+
+from .api import Result, load, rewrite  # noqa: E402
+from .errors import (DataError, EmitError, GraphError, ModelLoadError, PassError, QfrewriteError,  # noqa: E402
+                     UnsupportedOpError, VerificationError)
+from .ir import Graph, Node, Op, Value  # noqa: E402
+from .pass_infra import Context, Pass, PassManager, PassResult  # noqa: E402
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "rewrite", "load", "Result", "Graph", "Node", "Op", "Value", "Pass", "PassResult", "PassManager", "Context",
+    "QfrewriteError", "ModelLoadError", "UnsupportedOpError", "GraphError", "VerificationError", "PassError",
+    "DataError", "EmitError", "__version__",
+]

@@ -1,0 +1,1 @@
+"""Analyses over the IR: per-channel statistics, activation ranges."""

@@ -1,0 +1,1 @@
+"""Execution backends: the IR lowered to TensorFlow ops (for running, calibrating and emitting)."""

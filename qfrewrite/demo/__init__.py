@@ -1,0 +1,1 @@
+"""The demo: a small pretrained MobileNet and a few photos (see ATTRIBUTION.md)."""

@@ -1,0 +1,57 @@
+"""Typed errors raised by qfrewrite.
+
+Every error a user can meet derives from :class:`QfrewriteError`, so a caller can catch one class. Messages name the
+file, node or layer at fault and what is supported instead.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "QfrewriteError",
+    "ModelLoadError",
+    "UnsupportedOpError",
+    "GraphError",
+    "VerificationError",
+    "PassError",
+    "DataError",
+    "EmitError",
+]
+
+
+class QfrewriteError(Exception):
+    """Base class of every error qfrewrite raises on purpose."""
+
+
+class ModelLoadError(QfrewriteError):
+    """A model file or object could not be read (missing, corrupt, truncated, unknown format)."""
+
+
+class UnsupportedOpError(QfrewriteError):
+    """The source model holds a layer or op that the IR cannot represent."""
+
+    def __init__(self, node: str, op: str, supported, source: str | None = None, detail: str | None = None):
+        self.node, self.op, self.supported = node, op, sorted(supported)
+        where = f" in {source}" if source else ""
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"unsupported op {op!r} at node/layer {node!r}{where}{extra}; supported: {', '.join(self.supported)}"
+        )
+
+
+class GraphError(QfrewriteError):
+    """An illegal edit of the IR (for example removing a node whose output is still used)."""
+
+
+class VerificationError(GraphError):
+    """The graph broke an invariant (one producer per value, no dangling use, topological order, shapes)."""
+
+
+class PassError(QfrewriteError):
+    """A pass failed; the message names the pass and the passes that ran before it."""
+
+
+class DataError(QfrewriteError):
+    """Calibration or evaluation data is missing, empty or does not fit the model."""
+
+
+class EmitError(QfrewriteError):
+    """A TFLite/ONNX/Keras model could not be written from the graph."""

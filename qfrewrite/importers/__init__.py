@@ -1,0 +1,71 @@
+"""Importers: every supported source becomes one IR :class:`~qfrewrite.ir.Graph` (NHWC).
+
+:func:`load` picks the importer from the object or the file:
+
+* a :class:`Graph` (copied), a Keras model object, ``.keras`` / ``.h5`` / ``.hdf5`` files -> Keras importer;
+* ``.onnx`` -> ONNX importer;
+* ``.pb`` (a frozen GraphDef) -> GraphDef importer; a folder holding ``saved_model.pb`` -> SavedModel importer.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from ..errors import ModelLoadError
+from ..ir import Graph
+
+__all__ = ["load", "SUPPORTED_SOURCES"]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_SOURCES = (
+    "Keras model object, .keras, .h5/.hdf5; ONNX .onnx; TF frozen GraphDef .pb; TF SavedModel folder"
+)
+
+
+def _is_keras_object(obj) -> bool:
+    mod = type(obj).__module__
+    return any(mod.startswith(p) for p in ("keras", "tf_keras", "tensorflow")) and hasattr(obj, "layers")
+
+
+def load(source, inputs: Optional[Sequence[str]] = None, outputs: Optional[Sequence[str]] = None,
+         input_shape: Optional[Sequence[Optional[int]]] = None) -> Graph:
+    """Import ``source`` into a new :class:`Graph`; the caller's model object or file is never changed.
+
+    ``inputs``/``outputs`` name nodes or tensors where the source has several or the wanted one is inside;
+    ``input_shape`` (in the source's own layout) fixes dimensions the source leaves open.
+    """
+    if isinstance(source, Graph):
+        return source.copy()
+    if _is_keras_object(source):
+        from .keras_importer import load_keras
+
+        return load_keras(source, input_shape=input_shape, outputs=outputs)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ModelLoadError(f"cannot load a {type(source).__name__}: expected {SUPPORTED_SOURCES}")
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"{path}: no such file or folder")
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():
+            from .tf_importer import load_saved_model
+
+            return load_saved_model(path, inputs=inputs, outputs=outputs, input_shape=input_shape)
+        raise ModelLoadError(f"{path}: a folder but not a TF SavedModel (no saved_model.pb); "
+                             f"supported: {SUPPORTED_SOURCES}")
+    if suffix in (".keras", ".h5", ".hdf5"):
+        from .keras_importer import load_keras
+
+        return load_keras(path, input_shape=input_shape, outputs=outputs)
+    if suffix == ".onnx":
+        from .onnx_importer import load_onnx
+
+        return load_onnx(path, inputs=inputs, outputs=outputs, input_shape=input_shape)
+    if suffix == ".pb":
+        from .tf_importer import load_graphdef
+
+        return load_graphdef(path, inputs=inputs, outputs=outputs, input_shape=input_shape)
+    raise ModelLoadError(f"{path}: unknown model format {suffix or '(no extension)'}; supported: {SUPPORTED_SOURCES}")

@@ -1,0 +1,1 @@
+"""Quantization: observers, range selection, FakeQuant."""
