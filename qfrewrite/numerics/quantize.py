@@ -1,9 +1,9 @@
 """Uniform affine fake quantization in numpy, matching TensorFlow's ``fake_quant_with_min_max_vars``.
 
-For a range ``[lo, hi]`` (lo <= 0 <= hi after nudging) and ``bits``: ``qmin = 1 if narrow_range else 0``,
+For a range ``[lo, hi]`` and ``bits``: ``qmin = 1 if narrow_range else 0``,
 ``qmax = 2**bits - 1``, ``scale = (hi - lo) / (qmax - qmin)``, zero point ``z = round(qmin - lo / scale)`` clamped to
 ``[qmin, qmax]``, and the nudged range ``[(qmin - z) * scale, (qmax - z) * scale]``.
-``fq(x) = (clip(round(x / scale) + z ... ))`` i.e. ``scale * (round(clip(x, lo', hi') / scale - lo'/scale)) + lo'``.
+``fq(x) = scale * round((clip(x, lo', hi') - lo') / scale) + lo'``; the nudged range always holds 0 exactly.
 
 Weights: symmetric, narrow range (``[-127, 127]`` codes) per tensor or per output channel.
 """
@@ -20,8 +20,8 @@ __all__ = ["nudge", "fake_quant_np", "symmetric_weight_attrs", "kernel_channels_
 
 def nudge(lo, hi, bits: int = 8, narrow_range: bool = False):
     """TensorFlow's range nudging: returns ``(nudged_lo, nudged_hi, scale)`` (arrays broadcast like lo/hi)."""
-    lo = np.minimum(np.asarray(lo, np.float64), 0.0)
-    hi = np.maximum(np.asarray(hi, np.float64), 0.0)
+    lo = np.asarray(lo, np.float64)
+    hi = np.asarray(hi, np.float64)
     qmin = 1.0 if narrow_range else 0.0
     qmax = float(2 ** bits - 1)
     scale = (hi - lo) / (qmax - qmin)
