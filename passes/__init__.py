@@ -1,4 +1,11 @@
 """qfrewrite's passes, one module per concern. Import them from ``qfrewrite.passes``."""
+from .absorb_bias import AbsorbBias
+from .correct_bias import CorrectBias
+from .cross_layer_equalization import CrossLayerEqualization
 from .fold_batchnorm import FoldBatchNorm
+from .fold_dead_channels import FoldDeadChannels
+from .relu6_to_relu import ReLU6ToReLU
+from .remove_depthwise_bn_relu6 import RemoveDepthwiseBNReLU6
 
-__all__ = ["FoldBatchNorm"]
+__all__ = ["AbsorbBias", "CorrectBias", "CrossLayerEqualization", "FoldBatchNorm", "FoldDeadChannels", "ReLU6ToReLU",
+           "RemoveDepthwiseBNReLU6"]

@@ -1,0 +1,163 @@
+"""Fold constant (dead) channels into the next layer's bias (exact).
+
+A channel is *constant* when its producer cannot see the input (:mod:`passes._constants`): typically a layer output
+channel trained to all-zero weights whose bias the following ReLU6 maps to a constant (TF-slim MobileNetV1 has about
+20 such stem/pointwise channels, weights ``~1e-13``). The depthwise channel fed by one reads a constant, so it is
+constant too, and its folded BatchNorm weights, trained on a channel of zero variance, are the outliers that wreck
+per-tensor weight quantization. For a layer reading constant input channel ``i`` with value ``v_i``:
+
+    y_o = sum_i W[.., i, o] * v_i + (rest) + b_o  ->  W[.., i, o] := 0,  b_o += v_i * sum_taps W[.., i, o]
+
+This holds at every output position when ``v_i == 0`` (always) or when the layer reads no zero padding (1x1, VALID,
+Dense). A non-zero constant read through zero padding differs at the borders: it is left alone and listed in
+``stats["skipped"]``. A depthwise channel whose input was folded becomes a constant (its bias) and is folded on into
+the next layer the same way. When every layer reading a constant channel has zeroed its weights for it, the
+producing channel is set to output 0 (bias 0), so it widens no activation range either.
+
+Weights of a dead output channel below ``zero_tol`` times the layer's largest weight are set to exactly 0 first; with
+the default ``1e-8`` that changes the output by less than float32 resolution.
+
+Handled: Conv2D, DepthwiseConv2D (any multiplier), Dense; constants carried through Relu, Clip, BatchNorm, Pad,
+Minimum/Add/Mul with a constant, pools, GlobalMean. Left alone: constants that reach an ``Add`` of two tensors, a
+``Concat`` or a graph output (their producer keeps its value).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List
+
+import numpy as np
+
+from qfrewrite.ir import Graph, Node, Op
+from qfrewrite.numerics.kernels import const_input_bias, in_absmax, zero_in_channels, zero_out_channels
+from qfrewrite.pass_infra import Context, Pass, PassResult
+
+from ._constants import ConstChannels, dead_out_channels, propagate
+from ._layers import LAYER_OPS, kind_of, padding_free, set_bias, set_kernel
+
+__all__ = ["FoldDeadChannels"]
+
+log = logging.getLogger(__name__)
+
+#: channel-wise ops a constant channel may pass through on its way to the layers that read it
+_CHANNELWISE = (Op.RELU, Op.CLIP, Op.BATCH_NORM, Op.MINIMUM, Op.ADD, Op.MUL, Op.PAD, Op.AVG_POOL, Op.MAX_POOL,
+                Op.GLOBAL_MEAN, Op.RESHAPE, Op.FLATTEN)
+
+
+def _readers(layer: Node):
+    """The layers that read ``layer``'s output through channel-wise ops, or ``None`` when something else does."""
+    graph = layer.graph
+    out, stack, seen = [], [layer.output], set()
+    while stack:
+        v = stack.pop()
+        if any(v is o for o in graph.outputs):
+            return None
+        for node, idx in v.uses():
+            if node.name in seen:
+                continue
+            seen.add(node.name)
+            if node.op in LAYER_OPS and idx == 0:
+                out.append(node)
+            elif node.op in _CHANNELWISE and idx == 0 and (len(node.inputs) == 1 or node.op is Op.BATCH_NORM
+                                                           or node.inputs[1].is_const):
+                stack.append(node.output)
+            else:
+                return None
+    return out
+
+
+class FoldDeadChannels(Pass):
+    """Fold constant channels into the bias of the layers that read them and zero their weights."""
+
+    exact = True
+
+    def __init__(self, zero_tol: float = 1e-8):
+        if not 0 <= zero_tol < 1e-4:
+            raise ValueError(f"zero_tol must be in [0, 1e-4) (a relative weight magnitude), got {zero_tol}")
+        self.zero_tol = zero_tol
+
+    def __repr__(self) -> str:
+        return f"FoldDeadChannels(zero_tol={self.zero_tol})"
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        consts: Dict[str, ConstChannels] = {}
+        zeroed: Dict[str, List[int]] = {}
+        constant: Dict[str, Dict[int, float]] = {}
+        folded: Dict[str, List[int]] = {}
+        skipped: Dict[str, str] = {}
+        layers_with_consts: List[Node] = []
+        modified = False
+        for node in graph.topological_order():
+            if not node.inputs:
+                continue
+            cin = consts.get(node.inputs[0].name)
+            if node.op in LAYER_OPS:
+                kind = kind_of(node)
+                k = node.weight.const
+                dead = dead_out_channels(k, kind, self.zero_tol)
+                idx = np.flatnonzero(dead)
+                if idx.size and np.any(zero_out_channels(k, idx, kind) != k):
+                    k = zero_out_channels(k, idx, kind)
+                    set_kernel(graph, node, k, "dead_zeroed")
+                    zeroed[node.name] = idx.tolist()
+                    modified = True
+                if cin is not None:
+                    mask, vals = cin
+                    todo = mask & (in_absmax(k, kind) > 0)
+                    ok = todo & ((vals == 0) | padding_free(node))
+                    bad = np.flatnonzero(todo & ~ok)
+                    if bad.size:
+                        skipped[node.name] = (f"input channels {bad.tolist()} are non-zero constants read through "
+                                              f"zero padding (not constant at the borders)")
+                    if ok.any():
+                        add = const_input_bias(k, np.where(ok, vals, 0.0), kind)
+                        set_kernel(graph, node, zero_in_channels(k, np.flatnonzero(ok), kind), "dead_folded")
+                        if np.any(add != 0):
+                            base = node.bias.const.astype(np.float64) if node.bias is not None else 0.0
+                            set_bias(graph, node, base + add, "dead_folded")
+                        folded[node.name] = np.flatnonzero(ok).tolist()
+                        modified = True
+                res = propagate(node, cin, 0.0)
+                if res is not None:
+                    constant[node.name] = {int(c): float(res[1][c]) for c in np.flatnonzero(res[0])}
+                    layers_with_consts.append(node)
+            else:
+                res = propagate(node, cin, 0.0)
+            if res is not None:
+                consts[node.output.name] = res
+        cleared = self._clear_producers(graph, layers_with_consts, constant)
+        modified |= bool(cleared)
+        if modified:
+            graph.remove_unused()
+        stats = {"constant_channels": {k: sorted(v) for k, v in constant.items()},
+                 "num_constant_channels": sum(len(v) for v in constant.values()),
+                 "folded_into": folded, "dead_weights_zeroed": zeroed, "producers_cleared": cleared,
+                 "skipped": skipped}
+        if not modified:
+            stats["reason"] = "no constant channel is read by a layer"
+        elif constant:
+            log.info("FoldDeadChannels: %d constant channels in %d layers", stats["num_constant_channels"],
+                     len(constant))
+        return PassResult(graph, modified, stats)
+
+    def _clear_producers(self, graph: Graph, layers: List[Node], constant) -> Dict[str, List[int]]:
+        """Set constant channels to 0 where every reading layer ignores them."""
+        cleared: Dict[str, List[int]] = {}
+        for layer in layers:
+            if layer.bias is None:
+                continue
+            readers = _readers(layer)
+            if not readers:
+                continue
+            chans = np.array(sorted(constant[layer.name]), int)
+            ignored = np.ones(len(chans), bool)
+            for r in readers:
+                ignored &= in_absmax(r.weight.const, kind_of(r))[chans] == 0
+            b = layer.bias.const
+            todo = chans[ignored & (b[chans] != 0)]
+            if todo.size:
+                nb = b.copy()
+                nb[todo] = 0.0
+                set_bias(graph, layer, nb, "dead_cleared")
+                cleared[layer.name] = todo.tolist()
+        return cleared

@@ -1,0 +1,77 @@
+import numpy as np
+import pytest
+
+from qfrewrite.backend.executor import Executor
+from qfrewrite.data import CalibrationSet
+from qfrewrite.errors import QfrewriteError
+from qfrewrite.ir import ConvAttrs, Graph, Op, verify
+from qfrewrite.numerics.quantize import symmetric_weight_attrs
+from qfrewrite.pass_infra import Context
+from qfrewrite.passes import CorrectBias
+
+
+def _layer_graph(rng, op, outlier=30.0):
+    g = Graph()
+    x = g.add_input("x", (None, 8, 8, 4))
+    if op is Op.DEPTHWISE_CONV2D:
+        k = rng.normal(size=(3, 3, 4, 1))
+        k[0, 0, 0, 0] = outlier
+    else:
+        k = rng.normal(size=(3, 3, 4, 5))
+        k[0, 0, 0, 0] = outlier
+    n = g.add_node(op, [x, g.const(k), g.const(rng.normal(size=k.shape[2] * k.shape[3] if op is
+                                                                   Op.DEPTHWISE_CONV2D else 5))],
+                   ConvAttrs(padding="SAME"))
+    g.outputs = [n.output]
+    return g
+
+
+def _channel_means(g, x, quantize):
+    return Executor(g, quantize=quantize)(x)[0].mean(axis=(0, 1, 2))
+
+
+@pytest.mark.parametrize("op", [Op.CONV2D, Op.DEPTHWISE_CONV2D])
+@pytest.mark.parametrize("weights", ["per_tensor", "per_channel"])
+def test_corrected_layer_is_unbiased_on_the_data(rng, op, weights):
+    g = _layer_graph(rng, op)
+    x = (rng.normal(size=(16, 8, 8, 4)) + 2.0).astype(np.float32)  # non-zero input means
+    float_mean = _channel_means(g, x, quantize=False)
+    layer = g.find(op)[0]
+    layer.weight_quant = symmetric_weight_attrs(layer, per_channel=(weights == "per_channel"))
+    err_before = np.abs(_channel_means(g, x, quantize=True) - float_mean).max()
+    res = CorrectBias(weights=weights)(g, Context(CalibrationSet([x[:8], x[8:]])))
+    verify(g)
+    assert res.modified and res.stats["corrected"] == 1 and res.stats["images"] == 16
+    err_after = np.abs(_channel_means(g, x, quantize=True) - float_mean).max()
+    assert err_before > 1e-3
+    assert err_after < 1e-4 * max(1.0, np.abs(float_mean).max())
+
+
+def test_follows_the_insert_fakequant_options(rng):
+    x = (rng.normal(size=(8, 8, 8, 4)) + 1.0).astype(np.float32)
+    shifts = {}
+    for w in ("per_tensor", "per_channel"):
+        g = _layer_graph(rng if False else np.random.default_rng(1), Op.CONV2D)
+        b0 = g.find(Op.CONV2D)[0].bias.const.copy()
+        CorrectBias(weights=w)(g, Context(CalibrationSet([x])))
+        shifts[w] = g.find(Op.CONV2D)[0].bias.const - b0
+    assert not np.allclose(shifts["per_tensor"], shifts["per_channel"])
+    # the outlier makes per-tensor steps coarse: its correction is the larger
+    assert np.abs(shifts["per_tensor"]).max() > np.abs(shifts["per_channel"]).max()
+
+
+def test_kernel_on_the_grid_is_a_no_op(rng):
+    g = Graph()
+    x = g.add_input("x", (None, 4, 4, 2))
+    k = rng.integers(-127, 128, size=(1, 1, 2, 3)).astype(np.float32)
+    k[0, 0, 0, 0] = 127.0
+    g.add_node(Op.CONV2D, [x, g.const(k)], ConvAttrs())
+    g.outputs = [g.find(Op.CONV2D)[0].output]
+    res = CorrectBias(weights="per_tensor")(g, Context(CalibrationSet([np.ones((2, 4, 4, 2), np.float32)])))
+    assert not res.modified and "reason" in res.stats
+    assert g.find(Op.CONV2D)[0].bias is None
+
+
+def test_bad_option():
+    with pytest.raises(QfrewriteError, match="weights"):
+        CorrectBias(weights="per_pixel")

@@ -1,0 +1,110 @@
+import numpy as np
+import pytest
+
+from qfrewrite.backend.executor import run_graph
+from qfrewrite.errors import QfrewriteError
+from qfrewrite.ir import ClipAttrs, ConvAttrs, Graph, Op, verify
+from qfrewrite.numerics.equalization import equalization_scales
+from qfrewrite.numerics.kernels import in_absmax, out_absmax
+from qfrewrite.passes import CrossLayerEqualization
+from tests.quant_graphs import dead_channel_mobilenet
+
+
+def _pair_graph(rng, second="depthwise", clip_hi=6.0, spread=(0.02, 20.0)):
+    """conv 1x1 (channel ranges spread over 3 decades) -> Clip(0, hi) -> depthwise/conv 3x3 SAME."""
+    g = Graph()
+    x = g.add_input("x", (None, 8, 8, 3))
+    k1 = rng.normal(size=(1, 1, 3, 6)) * np.geomspace(*spread, 6)
+    c1 = g.add_node(Op.CONV2D, [x, g.const(k1), g.const(rng.normal(size=6))], ConvAttrs())
+    y = g.add_node(Op.CLIP, [c1.output], ClipAttrs(0.0, clip_hi)).output
+    if second == "depthwise":
+        c2 = g.add_node(Op.DEPTHWISE_CONV2D, [y, g.const(rng.normal(size=(3, 3, 6, 1))), g.const(rng.normal(size=6))],
+                        ConvAttrs(padding="SAME"))
+    else:
+        c2 = g.add_node(Op.CONV2D, [y, g.const(rng.normal(size=(3, 3, 6, 4))), g.const(rng.normal(size=4))],
+                        ConvAttrs(padding="SAME"))
+    g.outputs = [c2.output]
+    return g
+
+
+@pytest.mark.parametrize("second", ["depthwise", "conv"])
+@pytest.mark.parametrize("clip_hi", [6.0, None])
+def test_exact_clip_keeps_the_function_and_equalizes(rng, second, clip_hi):
+    g = _pair_graph(rng, second, clip_hi)
+    x = rng.normal(scale=3.0, size=(4, 8, 8, 3)).astype(np.float32)
+    ref = run_graph(g, x)[0]
+    p = CrossLayerEqualization(clip="exact")
+    assert p.exact
+    res = p(g)
+    verify(g)
+    assert res.modified and res.stats["pairs"] == 1 and res.stats["converged"]
+    c1, c2 = g.find(Op.CONV2D)[0], g.find(Op.CONV2D, Op.DEPTHWISE_CONV2D)[1]
+    kind2 = "depthwise" if second == "depthwise" else "conv"
+    np.testing.assert_allclose(out_absmax(c1.weight.const, "conv"), in_absmax(c2.weight.const, kind2), rtol=1e-3)
+    assert not g.find(Op.CLIP)
+    mins = g.find(Op.MINIMUM)
+    assert len(mins) == (1 if clip_hi is not None else 0)
+    if mins:
+        vec = [v for v in mins[0].inputs if v.is_const][0].const
+        assert vec.shape == (6,) and np.ptp(vec) > 0
+    out = run_graph(g, x)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_relu_clip_is_declared_inexact_and_drops_the_clip(rng):
+    g = _pair_graph(rng)
+    p = CrossLayerEqualization(clip="relu")
+    assert not p.exact
+    res = p(g)
+    assert res.modified and "warning" in res.stats
+    assert not g.find(Op.CLIP) and not g.find(Op.MINIMUM) and len(g.find(Op.RELU)) == 1
+
+
+def test_chain_of_three_converges_and_stays_exact(rng):
+    g = dead_channel_mobilenet(rng, tiny=0.0)
+    x = rng.normal(scale=2.0, size=(4, 12, 12, 3)).astype(np.float32)
+    ref = run_graph(g, x)[0]
+    res = CrossLayerEqualization(max_iter=100, tol=1e-4)(g)
+    verify(g)
+    assert res.stats["pairs"] == 3 and res.stats["converged"]
+    # the dead stem channels (constant outputs) were never scaled: their weights stay exactly zero
+    assert np.all(g.find(Op.CONV2D)[0].weight.const[..., [1, 4]] == 0)
+    assert res.stats["guarded_channels"] >= 2
+    out = run_graph(g, x)[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_residual_add_blocks_the_pair(rng):
+    g = Graph()
+    x = g.add_input("x", (None, 8, 8, 4))
+    c1 = g.add_node(Op.CONV2D, [x, g.const(rng.normal(size=(1, 1, 4, 4)) * [0.01, 1, 10, 100])], ConvAttrs())
+    c2 = g.add_node(Op.DEPTHWISE_CONV2D, [c1.output, g.const(rng.normal(size=(3, 3, 4, 1)))], ConvAttrs(padding="SAME"))
+    add = g.add_node(Op.ADD, [c1.output, c2.output])
+    g.outputs = [add.output]
+    before = c1.weight.const.copy()
+    res = CrossLayerEqualization()(g)
+    assert not res.modified and res.stats["pairs"] == 0
+    assert "2 readers" in res.stats["unpaired"][c1.name]
+    np.testing.assert_array_equal(before, c1.weight.const)
+
+
+def test_already_equal_ranges_are_a_no_op(rng):
+    g = _pair_graph(rng, spread=(1.0, 1.0))
+    c1, c2 = g.find(Op.CONV2D)[0], g.find(Op.DEPTHWISE_CONV2D)[0]
+    # make both ranges 1 per channel
+    c1.inputs[1].set_const(c1.weight.const / out_absmax(c1.weight.const, "conv"))
+    c2.inputs[1].set_const(c2.weight.const / in_absmax(c2.weight.const, "depthwise")[None, None, :, None])
+    res = CrossLayerEqualization()(g)
+    assert not res.modified and "reason" in res.stats
+    assert len(g.find(Op.CLIP)) == 1
+
+
+def test_scale_guards():
+    s = equalization_scales([1.0, 0.0, 1e-9, 4.0, 1e8], [1.0, 1.0, 1.0, 1.0, 1.0], min_range=1e-3, max_scale=100)
+    assert s[0] == 1.0 and s[1] == 1.0 and s[2] == 1.0 and s[3] == pytest.approx(2.0) and s[4] == 100.0
+    assert equalization_scales([4.0, 4.0], [1.0, 1.0], frozen=[1])[1] == 1.0
+
+
+def test_bad_option_raises():
+    with pytest.raises(QfrewriteError, match="clip"):
+        CrossLayerEqualization(clip="nope")
