@@ -7,6 +7,10 @@ Handled: a BatchNorm whose input is the output of a Conv2D / DepthwiseConv2D / D
 has other consumers or is a graph output (folding would change those readers); these are counted in
 ``stats["skipped"]`` with the reason.
 
+Zero-variance channels are folded without dividing by zero and reported in ``stats["zero_variance_channels"]``
+(``{bn: [channels]}``); those with ``var + eps == 0`` also in ``stats["degenerate_channels"]`` (folded as the
+constant ``beta``).
+
 ``scope``: ``"all"``; ``"depthwise"`` (only BatchNorms after DepthwiseConv2D); ``"pointwise"`` (only after Conv2D
 and Dense, i.e. every non-depthwise layer).
 """
@@ -94,6 +98,9 @@ class FoldBatchNorm(Pass):
         if folded:
             graph.remove_unused()
         stats = {"folded": len(folded), "skipped": skipped, "zero_variance_channels": zero_var}
+        if zero_var:
+            log.warning("BatchNorm channels with zero variance (folded scale gamma/sqrt(eps), often weight outliers "
+                        "of constant channels; FoldDeadChannels folds those away): %s", zero_var)
         if degenerate:
             stats["degenerate_channels"] = degenerate
             log.warning("BatchNorm channels with variance + eps == 0 folded as constants: %s", degenerate)

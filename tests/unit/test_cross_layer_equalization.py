@@ -108,3 +108,58 @@ def test_scale_guards():
 def test_bad_option_raises():
     with pytest.raises(QfrewriteError, match="clip"):
         CrossLayerEqualization(clip="nope")
+
+
+def _run_tflite(fb, x):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=fb)
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], x)
+    it.invoke()
+    ops = {d["op_name"] for d in it._get_ops_details()}
+    return it.get_tensor(it.get_output_details()[0]["index"]), ops
+
+
+def _fake_quant_after(g, value, lo, hi):
+    from qfrewrite.ir import FakeQuantAttrs
+
+    users = value.uses()
+    fq = g.add_node(Op.FAKE_QUANT, [value], FakeQuantAttrs((float(lo),), (float(hi),)))
+    for node, i in users:
+        node.set_input(i, fq.output)
+    if any(o is value for o in g.outputs):
+        g.outputs = [fq.output if o is value else o for o in g.outputs]
+    return fq
+
+
+def test_per_channel_minimum_converts_to_tflite_float_and_int8(rng):
+    from qfrewrite.backend.executor import Executor
+    from qfrewrite.emit.tflite import emit_tflite
+    from qfrewrite.numerics.quantize import symmetric_weight_attrs
+    from tests.quant_graphs import dw_pw_graph
+
+    g = dw_pw_graph(rng, bn=False, dw_bias=rng.normal(size=6))
+    dw = g.find(Op.DEPTHWISE_CONV2D)[0]
+    dw.inputs[1].set_const(dw.weight.const * np.geomspace(0.05, 20, 6)[None, None, :, None])
+    CrossLayerEqualization()(g)
+    x = rng.normal(size=(1, 8, 8, 6)).astype(np.float32)
+    ref = run_graph(g, x)[0]
+    out, ops = _run_tflite(emit_tflite(g), x)
+    assert "MINIMUM" in ops
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    # int8: ranges set by hand (the clip vector's max) on the input, the ReLU, the MINIMUM and the output
+    clip = [v for v in g.find(Op.MINIMUM)[0].inputs if v.is_const][0].const.max()
+    _fake_quant_after(g, g.inputs[0], -4.0, 4.0)
+    _fake_quant_after(g, g.find(Op.RELU)[0].output, 0.0, clip)
+    _fake_quant_after(g, g.find(Op.MINIMUM)[0].output, 0.0, clip)
+    r = float(np.abs(ref).max() * 1.2)
+    _fake_quant_after(g, g.outputs[0], -r, r)
+    for layer in g.find(Op.CONV2D, Op.DEPTHWISE_CONV2D):
+        layer.weight_quant = symmetric_weight_attrs(layer, per_channel=True)
+    verify(g)
+    sim = Executor(g, quantize=True)(x)[0]
+    out8, ops8 = _run_tflite(emit_tflite(g), x)
+    assert "MINIMUM" in ops8 and "QUANTIZE" in ops8
+    step = 2 * r / 255
+    assert np.abs(out8 - sim).max() <= 1.01 * step

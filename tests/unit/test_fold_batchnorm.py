@@ -77,3 +77,20 @@ def test_rewrite_does_not_touch_the_callers_graph(rng):
     res = qfrewrite.rewrite(g, passes=[FoldBatchNorm()])
     assert len(g) == n and len(res.graph) == n - 3
     assert res.report["FoldBatchNorm"].modified
+
+
+def test_zero_variance_with_eps_is_reported_and_finite(rng, caplog):
+    g = Graph()
+    x = g.add_input("x", (None, 8, 8, 4))
+    c = g.add_node(Op.CONV2D, [x, g.const(rng.normal(size=(1, 1, 4, 4)))], ConvAttrs())
+    gamma, beta, mean, var = bn_params(rng, 4)
+    var[[0, 3]] = 0.0
+    y = add_bn(g, rng, c.output, 4, eps=1e-3, params=[gamma, beta, mean, var])
+    g.outputs = [y]
+    xs = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+    ref = run_graph(g, xs)[0]
+    with caplog.at_level("WARNING"):
+        res = FoldBatchNorm()(g)
+    assert list(res.stats["zero_variance_channels"].values()) == [[0, 3]]
+    assert "degenerate_channels" not in res.stats and "zero variance" in caplog.text
+    np.testing.assert_allclose(run_graph(g, xs)[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
