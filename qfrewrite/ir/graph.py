@@ -300,8 +300,49 @@ class Graph:
 
     # -- copying ------------------------------------------------------------------------------------------------
     def copy(self) -> "Graph":
-        """A deep copy: edits to the copy never reach this graph (constants are copied too)."""
-        return copy.deepcopy(self)
+        """A deep copy: edits to the copy never reach this graph (constants are copied too).
+
+        Built node by node in topological order (``copy.deepcopy`` recurses along the value/use links and exceeds
+        Python's recursion limit on graphs of a real network's size).
+        """
+        g = Graph(self.name)
+        g.meta = copy.deepcopy(self.meta)
+        vmap: Dict[int, Value] = {}
+
+        def cv(v: Value) -> Value:
+            nv = vmap.get(id(v))
+            if nv is None:
+                nv = Value(v.name, v.shape, None if v.const is None else v.const.copy(), v.dtype)
+                g._register_value(nv)
+                vmap[id(v)] = nv
+            return nv
+
+        g.inputs = [cv(v) for v in self.inputs]
+        for v in self._values.values():
+            if v.is_const:
+                cv(v)
+        for node in self.topological_order():
+            n = Node(node.name, node.op, node.attrs, copy.deepcopy(node.meta))
+            n.weight_quant = node.weight_quant
+            for k, val in node.__dict__.items():  # attributes added to a node after construction
+                if k not in n.__dict__:
+                    setattr(n, k, copy.deepcopy(val))
+            n.graph = g
+            g._nodes[n.name] = n
+            g._seq[n.name] = self._seq[node.name]
+            g._nx.add_node(n.name)
+            for i, v in enumerate(node._inputs):
+                nv = cv(v)
+                n._inputs.append(nv)
+                nv._uses.append((n, i))
+            for out in node.outputs:
+                no = cv(out)
+                no.producer = n
+                n.outputs.append(no)
+            g._relink(n)
+        g.outputs = [cv(v) for v in self.outputs]
+        g._seq_counter = itertools.count(max(self._seq.values(), default=-1) + 1)
+        return g
 
     def __repr__(self) -> str:
         return f"<Graph {self.name}: {len(self)} nodes, inputs {[v.shape for v in self.inputs]}>"
