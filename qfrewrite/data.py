@@ -1,7 +1,16 @@
 """Calibration data: anything a user passes as ``data=`` becomes a :class:`CalibrationSet` of NHWC float32 batches.
 
-Accepted: a numpy array in the source model's own input layout (NCHW for ONNX models, NHWC otherwise), an iterable of
-such batches, or an existing :class:`CalibrationSet`. (Image folders are read by :mod:`qfrewrite.images`.)
+Accepted:
+
+* an image folder (a path, or a :class:`qfrewrite.images.ImageFolder` for options), read by :mod:`qfrewrite.images`
+  with the chosen preprocessing preset;
+* a numpy array in the source model's own input layout (``graph.meta["input_layout"]``: NCHW for ONNX models, NHWC
+  otherwise), cut into batches of ``batch_size``;
+* an iterable of such batches;
+* an existing :class:`CalibrationSet`.
+
+``limit`` keeps the first ``limit`` images. Every form is checked against the model input (rank, channels, size) and
+for NaN/Inf, with a :class:`DataError` naming the data and the expected shape.
 """
 from __future__ import annotations
 
@@ -26,14 +35,22 @@ def to_nhwc(x: np.ndarray, layout: str) -> np.ndarray:
 
 
 class CalibrationSet:
-    """A re-iterable sequence of NHWC float32 batches for a single-input model."""
+    """A re-iterable sequence of NHWC float32 batches for a single-input model.
 
-    def __init__(self, batches: Sequence[np.ndarray], name: str = "data"):
+    Subclasses (image sets) may produce batches lazily by overriding :meth:`batches`, ``__len__``,
+    :attr:`num_batches` and :meth:`drift_batch`.
+    """
+
+    def __init__(self, batches: Sequence[np.ndarray], name: str = "data", limit: Optional[int] = None):
         self._batches = [np.asarray(b, np.float32) for b in batches]
         self.name = name
+        if limit is not None:
+            self._batches = _truncate(self._batches, limit)
         if not self._batches or sum(len(b) for b in self._batches) == 0:
             raise DataError(f"calibration data {name!r} is empty")
         for b in self._batches:
+            if b.ndim == 0:
+                raise DataError(f"calibration data {name!r} holds a scalar where a batch (N, ...) is expected")
             if not np.all(np.isfinite(b)):
                 raise DataError(f"calibration data {name!r} holds NaN or Inf values")
 
@@ -57,15 +74,36 @@ class CalibrationSet:
     def check_fits(self, graph) -> None:
         """Raise :class:`DataError` when the batches do not fit the graph's input shape."""
         want = graph.inputs[0].shape
-        for b in self._batches[:1]:
-            if b.ndim != len(want) or any(w is not None and w != s for w, s in zip(want[1:], b.shape[1:])):
-                layout = graph.meta.get("input_layout", "NHWC")
-                raise DataError(
-                    f"calibration data {self.name!r} has batches of shape {b.shape} (after conversion to NHWC from "
-                    f"{layout}); the model input {graph.inputs[0].name!r} expects {tuple(want)} in NHWC")
+        first = next(iter(self.batches()))
+        shapes = {tuple(b.shape[1:]) for b in self._batches} if type(self) is CalibrationSet else set()
+        if len(shapes) > 1:
+            raise DataError(f"calibration data {self.name!r} has batches of different shapes {sorted(shapes)}")
+        b = first
+        if b.ndim != len(want) or any(w is not None and w != s for w, s in zip(want[1:], b.shape[1:])):
+            layout = graph.meta.get("input_layout", "NHWC")
+            hint = ""
+            if b.ndim == 4 and len(want) == 4 and tuple(b.shape[1:]) != tuple(want[1:]):
+                hint = (f"; arrays are read in the source model's own layout ({layout}"
+                        + (", i.e. (N, C, H, W)" if layout == "NCHW" else ", i.e. (N, H, W, C)") + ")")
+            raise DataError(
+                f"calibration data {self.name!r} has batches of shape {b.shape} (after conversion to NHWC from "
+                f"{layout}); the model input {graph.inputs[0].name!r} expects {tuple(want)} in NHWC{hint}")
 
 
-def as_calibration_set(data, graph, batch_size: int = 32, preprocess=None) -> Optional[CalibrationSet]:
+def _truncate(batches: List[np.ndarray], limit: int) -> List[np.ndarray]:
+    if int(limit) < 1:
+        raise DataError(f"data limit must be a positive number of images, got {limit}")
+    out, left = [], int(limit)
+    for b in batches:
+        if left <= 0:
+            break
+        out.append(b[:left])
+        left -= len(out[-1])
+    return out
+
+
+def as_calibration_set(data, graph, batch_size: int = 32, preprocess=None,
+                       limit: Optional[int] = None) -> Optional[CalibrationSet]:
     """Turn ``data`` into a :class:`CalibrationSet` that fits ``graph`` (``None`` stays ``None``)."""
     if data is None:
         return None
@@ -73,21 +111,39 @@ def as_calibration_set(data, graph, batch_size: int = 32, preprocess=None) -> Op
         data.check_fits(graph)
         return data
     layout = graph.meta.get("input_layout", "NHWC")
-    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
-        from .images import load_image_folder
+    from .images import ImageFolder, load_image_folder
 
-        cs = load_image_folder(data, graph, preprocess=preprocess, batch_size=batch_size)
+    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") or isinstance(data, ImageFolder):
+        if isinstance(data, bytes):
+            data = data.decode()
+        cs = load_image_folder(data, graph, preprocess=preprocess, batch_size=batch_size, limit=limit)
         cs.check_fits(graph)
         return cs
     if isinstance(data, np.ndarray):
+        if not np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_:
+            raise DataError(f"calibration array has dtype {data.dtype}; give numbers (float or integer pixels)")
+        if data.ndim == 0:
+            raise DataError("calibration data is a scalar; give an array of images (N, ...)")
+        if limit is not None:
+            data = data[:_positive(limit)]
         x = to_nhwc(data.astype(np.float32, copy=False), layout)
         cs = CalibrationSet([x[i:i + batch_size] for i in range(0, len(x), batch_size)], name="array")
     else:
         try:
-            batches = [to_nhwc(np.asarray(b, np.float32), layout) for b in data]
-        except TypeError:
-            raise DataError(f"unsupported calibration data of type {type(data).__name__}: give an image folder, "
-                            "a numpy array or an iterable of numpy batches") from None
-        cs = CalibrationSet(batches, name="batches")
+            batches = []
+            for b in data:
+                batches.append(to_nhwc(np.asarray(b, np.float32), layout))
+                if limit is not None and sum(len(x) for x in batches) >= _positive(limit):
+                    break
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"unsupported calibration data of type {type(data).__name__} ({exc}): give an image "
+                            "folder, a numpy array or an iterable of numpy batches") from None
+        cs = CalibrationSet(batches, name="batches", limit=limit)
     cs.check_fits(graph)
     return cs
+
+
+def _positive(limit) -> int:
+    if int(limit) < 1:
+        raise DataError(f"data limit must be a positive number of images, got {limit}")
+    return int(limit)
