@@ -4,8 +4,9 @@ from .correct_bias import CorrectBias
 from .cross_layer_equalization import CrossLayerEqualization
 from .fold_batchnorm import FoldBatchNorm
 from .fold_dead_channels import FoldDeadChannels
+from .insert_fakequant import InsertFakeQuant
 from .relu6_to_relu import ReLU6ToReLU
 from .remove_depthwise_bn_relu6 import RemoveDepthwiseBNReLU6
 
-__all__ = ["AbsorbBias", "CorrectBias", "CrossLayerEqualization", "FoldBatchNorm", "FoldDeadChannels", "ReLU6ToReLU",
-           "RemoveDepthwiseBNReLU6"]
+__all__ = ["AbsorbBias", "CorrectBias", "CrossLayerEqualization", "FoldBatchNorm", "FoldDeadChannels",
+           "InsertFakeQuant", "ReLU6ToReLU", "RemoveDepthwiseBNReLU6"]

@@ -9,6 +9,7 @@ identities, which gives the float function of a quantized graph.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -157,6 +158,12 @@ def _lower_node(node: Node, args: List, quantize: bool):
     raise EmitError(f"{node.name}: no TensorFlow lowering for {op.value}")
 
 
+def _scope_name(name: str) -> str:
+    """A valid TF name scope from an IR node name (TF op and TFLite tensor names then carry the node name)."""
+    s = re.sub(r"[^A-Za-z0-9_.\\/>-]", "_", name).strip("/") or "node"
+    return s if re.match(r"[A-Za-z0-9.]", s) else "n" + s
+
+
 def lower(graph: Graph, inputs: Sequence, quantize: bool = False, taps: Optional[Sequence[str]] = None):
     """Evaluate ``graph`` with TensorFlow ops on ``inputs`` (TF tensors, NHWC, one per graph input).
 
@@ -174,7 +181,8 @@ def lower(graph: Graph, inputs: Sequence, quantize: bool = False, taps: Optional
                 args.append(tf.constant(v.const))
             else:
                 args.append(env[v.name])
-        env[node.output.name] = _lower_node(node, args, quantize)
+        with tf.name_scope(_scope_name(node.name)):
+            env[node.output.name] = _lower_node(node, args, quantize)
     outs = [env[v.name] if not v.is_const else tf.constant(v.const) for v in graph.outputs]
     if taps is None:
         return outs

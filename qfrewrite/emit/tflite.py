@@ -3,7 +3,9 @@
 The function is traced with a fixed batch (1 by default), so the converter folds every shape computation.
 A float graph gives a float model. A graph holding FakeQuant nodes (and ``weight_quant`` on its kernels) gives a
 fully integer model: the converter honours every FakeQuant range exactly (scale and zero point) when run with
-``optimizations=[DEFAULT]`` and no representative dataset.
+``optimizations=[DEFAULT]`` and no representative dataset. ``InsertFakeQuant`` places the FakeQuant nodes where the
+converter needs them; the written int8 model is read back (:mod:`qfrewrite.tflite_inspect`) and an
+:class:`EmitError` names any op left in float (``check=False`` skips this).
 """
 from __future__ import annotations
 
@@ -48,11 +50,12 @@ def concrete_function(graph: Graph, batch: int = 1, quantize: bool = True):
 
 
 def emit_tflite(graph: Graph, path: Optional[Union[str, os.PathLike]] = None, quantized: Optional[bool] = None,
-                io_dtype: str = "float32", batch: int = 1) -> bytes:
+                io_dtype: str = "float32", batch: int = 1, check: bool = True) -> bytes:
     """Convert ``graph`` to a TFLite flatbuffer and, with ``path``, write it atomically.
 
     ``quantized=None`` means: fully int8 when the graph carries FakeQuant, else float. ``io_dtype`` ("float32", "int8",
-    "uint8") sets the model's input and output types of an int8 model.
+    "uint8") sets the model's input and output types of an int8 model. ``check``: verify that an int8 model is fully
+    integer before writing it.
     """
     import tensorflow as tf
 
@@ -77,6 +80,14 @@ def emit_tflite(graph: Graph, path: Optional[Union[str, os.PathLike]] = None, qu
         msg = str(exc).strip().splitlines()
         raise EmitError(f"TFLite conversion of graph {graph.name!r} failed: {msg[-1] if msg else type(exc).__name__}") \
             from exc
+    if quantized and check:
+        from ..tflite_inspect import assert_fully_integer
+
+        try:
+            assert_fully_integer(flatbuffer, io_dtype=io_dtype)
+        except EmitError as exc:
+            raise EmitError(f"graph {graph.name!r}: {exc}; every materialised tensor needs a FakeQuant range "
+                            "(run InsertFakeQuant, after FoldBatchNorm)") from None
     if path is not None:
         atomic_write_bytes(path, flatbuffer)
         log.info("wrote %s (%d bytes)", path, len(flatbuffer))

@@ -73,3 +73,110 @@ def test_weight_bad_options_raise():
         weight_quant_attrs(n, "per_row")
     with pytest.raises(QfrewriteError, match="method"):
         weight_quant_attrs(n, "per_tensor", "kl")
+
+
+# -- activation ranges ---------------------------------------------------------------------------------------------
+from qfrewrite.numerics.ranges import (kl_range, minmax_range, mse_range, percentile_range,  # noqa: E402
+                                       range_cost, snap_range)
+from qfrewrite.quant.observers import TensorObserver  # noqa: E402
+from qfrewrite.quant.ranges import activation_range  # noqa: E402
+
+
+def _zero_point(lo, hi, bits=8):
+    scale = (hi - lo) / (2 ** bits - 1)
+    return -lo / scale, scale
+
+
+@pytest.mark.parametrize("lo,hi", [(-1.0, 1.0), (0.0, 6.0), (-0.37, 5.1), (0.2, 3.0), (-4.0, -1.0)])
+def test_snap_range_integer_zero_point_holds_zero(lo, hi):
+    a, b = snap_range(lo, hi)
+    z, scale = _zero_point(a, b)
+    assert a <= 0.0 <= b
+    assert abs(z - round(z)) < 1e-9
+    assert scale == pytest.approx((max(hi, 0) - min(lo, 0)) / 255, rel=1e-12)
+    # TensorFlow's nudging leaves a snapped range unchanged
+    from qfrewrite.numerics.quantize import nudge
+
+    nlo, nhi, _ = nudge(a, b)
+    assert float(nlo) == pytest.approx(a, abs=1e-12) and float(nhi) == pytest.approx(b, abs=1e-12)
+
+
+def _stats(x, bins=2048):
+    o = TensorObserver("x", bins)
+    o.update(np.asarray(x, np.float32).reshape(-1, 1))
+    return o.result()
+
+
+def _sample_mse(x, lo, hi):
+    return float(np.mean((x - fake_quant_np(x, lo, hi)) ** 2))
+
+
+def test_mse_range_clips_a_far_outlier_and_beats_minmax():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=1_000_000).astype(np.float32)
+    x[0] = 40.0  # one far outlier: clipping part of it costs less than a coarser step for a million values
+    s = _stats(x)
+    lo, hi = activation_range(s, "mse")
+    mlo, mhi = activation_range(s, "minmax")
+    assert hi < 0.8 * mhi and lo <= -3.0
+    assert _sample_mse(x, lo, hi) < 0.8 * _sample_mse(x, mlo, mhi)
+    z, _ = _zero_point(lo, hi)
+    assert abs(z - round(z)) < 1e-6
+    # the search minimises its own cost over a grid that holds (about) the min/max range
+    cost = range_cost(s.hist, s.hist_lo, s.hist_hi, np.array([lo, mlo]), np.array([(hi - lo) / 255,
+                                                                                  (mhi - mlo) / 255]))
+    assert cost[0] < cost[1]
+
+
+def test_mse_range_keeps_a_heavy_tail_that_matters():
+    # t(2.5): the saturation error of clipping its tail outweighs the finer step (weight 3 on saturation)
+    rng = np.random.default_rng(9)
+    x = rng.standard_t(2.5, size=200_000).astype(np.float32)
+    lo, hi = activation_range(_stats(x), "mse")
+    assert hi - lo > 0.6 * (x.max() - x.min())
+
+
+def test_mse_range_keeps_uniform_data_and_relu_lower_bound():
+    rng = np.random.default_rng(6)
+    u = rng.uniform(-2, 3, 100_000)
+    lo, hi = activation_range(_stats(u), "mse")
+    assert lo <= -1.9 and hi >= 2.85
+    relu = np.maximum(rng.normal(size=100_000), 0)  # half exact zeros
+    lo, hi = activation_range(_stats(relu), "mse")
+    assert lo == 0.0 and 2.0 < hi <= relu.max() * 17 / 16
+
+
+def test_percentile_and_minmax_ranges():
+    rng = np.random.default_rng(7)
+    x = rng.uniform(0, 10, 1_000_000)
+    s = _stats(x)
+    lo, hi = percentile_range(s.hist, s.hist_lo, s.hist_hi, 99.0)
+    assert lo == 0.0 and hi == pytest.approx(9.9, abs=0.02)
+    assert minmax_range(1.0, 5.0) == (0.0, 5.0)
+    a, b = activation_range(s, "percentile", percentile=99.0)
+    assert b == pytest.approx(9.9, abs=0.05) and a == 0.0
+
+
+def test_kl_range_one_sided_and_symmetric():
+    rng = np.random.default_rng(8)
+    x = np.abs(rng.normal(size=200_000))
+    x[:20] = 40.0
+    s = _stats(x)
+    lo, hi = kl_range(s.hist, s.hist_lo, s.hist_hi)
+    assert lo == 0.0 and 2.0 < hi < 20.0
+    y = rng.normal(size=200_000)
+    y[:10] = -30.0
+    s = _stats(y)
+    lo, hi = kl_range(s.hist, s.hist_lo, s.hist_hi)
+    assert lo == -hi and 2.0 < hi < 15.0
+
+
+def test_range_method_unknown_raises():
+    with pytest.raises(QfrewriteError, match="mse"):
+        activation_range(_stats([0.0, 1.0]), "entropy")
+
+
+def test_mse_range_degenerate():
+    s = _stats(np.zeros(100))
+    lo, hi = mse_range(s.hist, s.hist_lo, s.hist_hi, s.min, s.max, zeros=s.zeros)
+    assert lo == 0.0 and 0.0 < hi < 1e-6

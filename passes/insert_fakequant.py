@@ -1,0 +1,229 @@
+"""Insert fake quantization: calibrated FakeQuant nodes on activations and ``weight_quant`` on every kernel, placed
+where TensorFlow's TFLite converter materialises int8 tensors, so that :meth:`Result.to_tflite` writes a fully
+integer model whose ranges are exactly the ones chosen here.
+
+**Weights.** Every Conv2D / DepthwiseConv2D / Dense kernel without ``weight_quant`` gets
+:func:`qfrewrite.quant.weights.weight_quant_attrs` (symmetric narrow range, ``weights`` granularity,
+``weight_method``); the kernel stays float. A kernel that already carries ``weight_quant`` keeps it.
+With per-channel weights a Dense on ``(N, C)`` is rewritten as ``Reshape(1, 1, C) -> Conv2D 1x1 -> Reshape(C_out)``
+(exact; the converter rejects per-channel MatMul weights). Affine ops without an int8 kernel, ``BatchNorm`` left
+unfolded and ``Normalize``, are rewritten as ``Mul`` + ``Add`` with constant operands (exact) so that every
+intermediate tensor gets a range.
+
+**Activations.** A FakeQuant goes on
+
+* every graph input (range: observed min/max);
+* the output of every op that the converter materialises, **after** the activation it fuses: a Conv2D /
+  DepthwiseConv2D / Dense / Add whose only reader is ``Relu`` or ``Clip(0, 6)`` / ``Clip(0, None)`` gets no FakeQuant
+  of its own; the activation's output gets it (a FakeQuant between a conv and its ReLU6 is silently dropped by the
+  converter);
+* Add, Mul, Minimum, Concat, GlobalMean, Normalize-derived Mul/Add, HardSwish, non-fusable Clip/Relu;
+* Softmax and Sigmoid outputs with the fixed int8 range ``[0, 255/256]`` the TFLite kernels require;
+* not on Pad, MaxPool, AveragePool, Reshape, Flatten: TFLite runs them at their input's scale.
+
+A ``Minimum`` with a constant operand (a per-channel clip) must keep its input's scale in int8: its input's range is
+set to its output's range when it is the input's only reader (exact: the clipped values lie inside).
+
+Activation ranges come from one streaming pass of the observers (:mod:`qfrewrite.quant.observers`) and the chosen
+method (``activations``: ``mse`` default, ``minmax``, ``percentile``, ``kl``); graph inputs and outputs always use
+min/max (clipping the extreme logits would merge the top classes). Every range has an integer zero point.
+
+Not exact (the pass manager reports the drift of the simulated int8 function). Needs calibration data
+(:class:`~qfrewrite.errors.DataError` otherwise). A graph that already holds FakeQuant nodes is left alone
+(``modified=False`` with the reason).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from qfrewrite.errors import QfrewriteError
+from qfrewrite.ir import ConvAttrs, FakeQuantAttrs, Graph, Node, Op, ReshapeAttrs, Value
+from qfrewrite.numerics.batchnorm import bn_scale_shift
+from qfrewrite.numerics.ranges import ACTIVATION_METHODS
+from qfrewrite.pass_infra import Context, Pass, PassResult
+from qfrewrite.quant.observers import activation_stats
+from qfrewrite.quant.ranges import activation_range
+from qfrewrite.quant.weights import GRANULARITIES, WEIGHT_METHODS, weight_quant_attrs
+
+__all__ = ["InsertFakeQuant", "quantization_points"]
+
+log = logging.getLogger(__name__)
+
+_LAYERS = (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE)
+#: ops the converter fuses a following ReLU / ReLU6 into
+_FUSING = (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE, Op.ADD)
+#: ops that TFLite runs at their input's scale
+_SAME_SCALE = (Op.PAD, Op.MAX_POOL, Op.AVG_POOL, Op.RESHAPE, Op.FLATTEN)
+#: ops with a fixed int8 output range
+_FIXED_OUTPUT = (Op.SOFTMAX, Op.SIGMOID)
+
+
+def _fusable_activation(node: Node) -> bool:
+    if node.op is Op.RELU:
+        return True
+    return node.op is Op.CLIP and node.attrs.lo == 0.0 and (node.attrs.hi is None or node.attrs.hi == 6.0)
+
+
+def _is_output(v: Value) -> bool:
+    return any(v is o for o in v.graph.outputs)
+
+
+def quantization_points(graph: Graph) -> List[str]:
+    """Names of the values that get a FakeQuant, in topological order (see the module docstring)."""
+    points = [v.name for v in graph.inputs]
+    for node in graph.topological_order():
+        v = node.output
+        if node.op in _SAME_SCALE or node.op is Op.FAKE_QUANT:
+            continue
+        if node.op in _FUSING and not _is_output(v):
+            readers = v.uses()
+            if len(readers) == 1 and _fusable_activation(readers[0][0]):
+                continue
+        points.append(v.name)
+    return points
+
+
+def _const_pair(node: Node) -> Tuple[Optional[Value], Optional[Value]]:
+    a, b = node.inputs[0], node.inputs[1]
+    if b.is_const and not a.is_const:
+        return a, b
+    if a.is_const and not b.is_const:
+        return b, a
+    return None, None
+
+
+class InsertFakeQuant(Pass):
+    """Calibrate and insert FakeQuant on activations and weight fake-quantization on every kernel."""
+
+    exact = False
+
+    def __init__(self, weights: str = "per_channel", activations: str = "mse", bits: int = 8,
+                 weight_method: str = "minmax", percentile: float = 99.99, chunk: int = 8):
+        if weights not in GRANULARITIES:
+            raise QfrewriteError(f"InsertFakeQuant weights must be one of {GRANULARITIES}, got {weights!r}")
+        if activations not in ACTIVATION_METHODS:
+            raise QfrewriteError(f"InsertFakeQuant activations must be one of {ACTIVATION_METHODS}, "
+                                 f"got {activations!r}")
+        if weight_method not in WEIGHT_METHODS:
+            raise QfrewriteError(f"InsertFakeQuant weight_method must be one of {WEIGHT_METHODS}, "
+                                 f"got {weight_method!r}")
+        if int(bits) != 8:
+            raise QfrewriteError(f"InsertFakeQuant supports bits=8 (the TFLite int8 kernels), got {bits}")
+        self.weights, self.activations, self.bits = weights, activations, int(bits)
+        self.weight_method, self.percentile, self.chunk = weight_method, float(percentile), int(chunk)
+
+    def __repr__(self) -> str:
+        return (f"InsertFakeQuant(weights={self.weights!r}, activations={self.activations!r}, bits={self.bits}, "
+                f"weight_method={self.weight_method!r})")
+
+    # -- exact structural rewrites -------------------------------------------------------------------------------
+    def _dense_as_conv(self, graph: Graph) -> List[str]:
+        done = []
+        for node in graph.find(Op.DENSE):
+            wq = node.weight_quant
+            if (wq is None and self.weights != "per_channel") or (wq is not None and not wq.per_channel):
+                continue
+            x = node.inputs[0]
+            if len(x.shape) != 2:
+                continue
+            c, out = node.weight.const.shape
+            r1 = graph.add_node(Op.RESHAPE, [x], ReshapeAttrs((1, 1, c)), name=node.name + "/to_nhwc")
+            ins = [r1.output, graph.const(node.weight.const.reshape(1, 1, c, out), name=node.name + "/kernel_1x1")]
+            if node.bias is not None:
+                ins.append(node.bias)
+            conv = graph.add_node(Op.CONV2D, ins, ConvAttrs(), name=node.name + "/as_conv",
+                                  meta={**node.meta, "source_name": node.source_name, "from_dense": True})
+            conv.weight_quant = node.weight_quant
+            r2 = graph.add_node(Op.RESHAPE, [conv.output], ReshapeAttrs((out,)), name=node.name + "/flatten")
+            node.output.replace_all_uses_with(r2.output)
+            graph.remove_node(node)
+            done.append(node.name)
+        return done
+
+    def _affine_as_mul_add(self, graph: Graph) -> List[str]:
+        done = []
+        for node in graph.find(Op.BATCH_NORM, Op.NORMALIZE):
+            c = node.inputs[0].shape[-1]
+            if node.op is Op.BATCH_NORM:
+                gamma, beta, mean, var = (v.const for v in node.inputs[1:5])
+                scale, shift, _ = bn_scale_shift(gamma, beta, mean, var, node.attrs.epsilon)
+            else:
+                scale = np.broadcast_to(np.asarray(node.attrs.scale, np.float64), (c,))
+                shift = np.broadcast_to(np.asarray(node.attrs.offset, np.float64), (c,))
+            y = node.inputs[0]
+            if not np.all(scale == 1.0):
+                y = graph.add_node(Op.MUL, [y, graph.const(scale, name=node.name + "/scale")],
+                                   name=node.name + "/mul").output
+            if not np.all(shift == 0.0) or y is node.inputs[0]:
+                y = graph.add_node(Op.ADD, [y, graph.const(shift, name=node.name + "/shift")],
+                                   name=node.name + "/add").output
+            node.output.replace_all_uses_with(y)
+            graph.remove_node(node)
+            done.append(node.name)
+        return done
+
+    # -- the pass ------------------------------------------------------------------------------------------------
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        if graph.find(Op.FAKE_QUANT):
+            return PassResult(graph, False, {"reason": "the graph already holds FakeQuant nodes"})
+        ctx.require_data(self.name)
+        stats: Dict = {"weights": self.weights, "activations": self.activations, "bits": self.bits}
+        rewritten = self._affine_as_mul_add(graph)
+        if rewritten:
+            log.info("rewrote %d BatchNorm/Normalize nodes as Mul + Add (run FoldBatchNorm first to fold BatchNorm "
+                     "into the layers)", len(rewritten))
+            stats["affine_as_mul_add"] = rewritten
+        dense = self._dense_as_conv(graph)
+        if dense:
+            stats["dense_as_conv"] = dense
+        if rewritten or stats.get("dense_as_conv"):
+            ctx.invalidate()
+
+        # weights
+        n_weights = 0
+        for node in graph.find(*_LAYERS):
+            if node.weight_quant is None:
+                node.weight_quant = weight_quant_attrs(node, self.weights, self.weight_method, self.bits)
+                n_weights += 1
+
+        # activations
+        points = quantization_points(graph)
+        observed = activation_stats(graph, ctx, points)
+        inputs = {v.name for v in graph.inputs}
+        outputs = {v.name for v in graph.outputs}
+        ranges: Dict[str, Tuple[float, float]] = {}
+        for name in points:
+            producer = graph.value(name).producer
+            if producer is not None and producer.op in _FIXED_OUTPUT:
+                q = 2.0 ** self.bits
+                ranges[name] = (0.0, (q - 1.0) / q)
+                continue
+            method = "minmax" if (name in inputs or name in outputs) else self.activations
+            ranges[name] = activation_range(observed[name], method, self.bits,
+                                            **({"percentile": self.percentile} if method == "percentile" else {}))
+        # same-scale ops with a constant operand: the input takes the output's range
+        for node in graph.find(Op.MINIMUM):
+            x, k = _const_pair(node)
+            if x is None or x.name not in ranges or node.output.name not in ranges or len(x.uses()) != 1 \
+                    or _is_output(x):
+                continue
+            ranges[x.name] = ranges[node.output.name]
+
+        for name in points:
+            v = graph.value(name)
+            lo, hi = ranges[name]
+            base = v.producer.name if v.producer is not None else v.name
+            attrs = FakeQuantAttrs(lo=(float(lo),), hi=(float(hi),), bits=self.bits, narrow_range=False, axis=None)
+            users = v.uses()
+            fq = graph.add_node(Op.FAKE_QUANT, [v], attrs, name=f"{base}/fake_quant")
+            for node, i in users:
+                node.set_input(i, fq.output)
+            if _is_output(v):
+                graph.outputs = [fq.output if o is v else o for o in graph.outputs]
+        stats.update({"fake_quant_nodes": len(points), "weight_quant": n_weights,
+                      "ranges": {n: [float(a), float(b)] for n, (a, b) in ranges.items()},
+                      "images": len(ctx.data)})
+        return PassResult(graph, True, stats)

@@ -1,0 +1,205 @@
+"""Activation observers: one streaming pass over the calibration data collecting, for every observed tensor,
+
+* per-tensor min/max, per-channel (last axis) min/max and mean, the element count and the number of exact zeros;
+* a histogram of ``bins`` equal bins over a range that always holds 0.
+
+**Histogram design: one pass, fixed bin count, exact re-binning when the range grows.** The first chunk sets the
+range ``[min(x, 0), max(x, 0)]``. When a later chunk falls outside, the range is extended to the left by a whole
+number ``j`` of current bins and the bin width multiplied by the smallest integer ``k`` that covers the new data;
+old bin ``m`` then lies wholly inside new bin ``(j + m) // k`` so counts merge exactly (no interpolation). The price is
+resolution: after growth the histogram can be up to ``k`` times coarser than a histogram over the final range, which
+the default 2048 bins absorb.
+
+Everything is vectorised numpy per chunk (``bincount`` over computed bin indices); the data are run through the
+float reference :class:`~qfrewrite.backend.executor.Executor` with taps, ``chunk`` images at a time, so memory holds
+one chunk's activations, never all images. The result is cached as an :class:`ActivationStats` analysis in the
+:class:`~qfrewrite.pass_infra.Context` (invalidated when a pass modifies the graph).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from ..ir import Graph
+from ..pass_infra import Analysis, Context
+
+__all__ = ["TensorStats", "StreamingHistogram", "TensorObserver", "ActivationStats", "activation_stats",
+           "observe", "activation_names"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BINS = 2048
+
+
+class StreamingHistogram:
+    """A histogram with ``bins`` equal bins whose range grows (exactly re-binned) to cover every value seen."""
+
+    def __init__(self, bins: int = DEFAULT_BINS):
+        self.bins = int(bins)
+        self.counts: Optional[np.ndarray] = None
+        self.lo = 0.0
+        self.width = 0.0
+
+    @property
+    def hi(self) -> float:
+        return self.lo + self.bins * self.width
+
+    @property
+    def edges(self) -> np.ndarray:
+        return self.lo + self.width * np.arange(self.bins + 1)
+
+    def _grow(self, vmin: float, vmax: float) -> None:
+        w = self.width
+        j = int(np.ceil((self.lo - vmin) / w)) if vmin < self.lo else 0
+        new_lo = self.lo - j * w
+        need = max(vmax, self.hi) - new_lo
+        k = max(1, int(np.ceil(need / (self.bins * w) * (1 + 1e-12))))
+        while new_lo + self.bins * k * w < max(vmax, self.hi):  # float safety
+            k += 1
+        idx = (j + np.arange(self.bins)) // k
+        self.counts = np.bincount(idx, weights=self.counts, minlength=self.bins)[:self.bins].astype(np.int64)
+        self.lo, self.width = new_lo, w * k
+
+    def update(self, x: np.ndarray, vmin: Optional[float] = None, vmax: Optional[float] = None) -> None:
+        """Add the values of ``x`` (any shape, float). ``vmin``/``vmax`` may be passed when already known."""
+        x = np.asarray(x).ravel()
+        if x.size == 0:
+            return
+        vmin = float(x.min()) if vmin is None else float(vmin)
+        vmax = float(x.max()) if vmax is None else float(vmax)
+        if self.counts is None:
+            lo, hi = min(vmin, 0.0), max(vmax, 0.0)
+            if hi - lo <= 0:
+                hi = lo + 1e-6
+            self.lo, self.width = lo, (hi - lo) / self.bins
+            self.counts = np.zeros(self.bins, np.int64)
+        elif vmin < self.lo or vmax > self.hi:
+            self._grow(vmin, vmax)
+        idx = ((x - np.float32(self.lo)) * np.float32(1.0 / self.width)).astype(np.int32)
+        np.clip(idx, 0, self.bins - 1, out=idx)
+        self.counts += np.bincount(idx, minlength=self.bins)
+
+
+@dataclass
+class TensorStats:
+    """What the observers saw of one tensor (channels = last axis)."""
+
+    name: str
+    count: int  # number of positions per channel (N*H*W for NHWC)
+    min: float
+    max: float
+    channel_min: np.ndarray
+    channel_max: np.ndarray
+    channel_mean: np.ndarray
+    zeros: int  # exact zeros among all values
+    hist: np.ndarray  # counts, int64
+    hist_lo: float
+    hist_hi: float
+
+    @property
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.hist_lo, self.hist_hi, len(self.hist) + 1)
+
+    @property
+    def size(self) -> int:
+        return int(self.count * len(self.channel_min))
+
+
+class TensorObserver:
+    """Accumulates :class:`TensorStats` of one tensor over chunks."""
+
+    def __init__(self, name: str, bins: int = DEFAULT_BINS):
+        self.name = name
+        self.hist = StreamingHistogram(bins)
+        self.count = 0
+        self.zeros = 0
+        self.cmin = self.cmax = self.csum = None
+
+    def update(self, t: np.ndarray) -> None:
+        t = np.asarray(t, np.float32)
+        flat = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(-1, 1)
+        if flat.size == 0:
+            return
+        cmin, cmax = flat.min(axis=0), flat.max(axis=0)
+        csum = flat.sum(axis=0, dtype=np.float64)
+        if self.cmin is None:
+            self.cmin, self.cmax, self.csum = cmin, cmax, csum
+        else:
+            self.cmin = np.minimum(self.cmin, cmin)
+            self.cmax = np.maximum(self.cmax, cmax)
+            self.csum += csum
+        self.count += flat.shape[0]
+        self.zeros += flat.size - int(np.count_nonzero(flat))
+        self.hist.update(flat, float(cmin.min()), float(cmax.max()))
+
+    def result(self) -> TensorStats:
+        if self.cmin is None:
+            raise ValueError(f"observer of {self.name} saw no data")
+        return TensorStats(self.name, self.count, float(self.cmin.min()), float(self.cmax.max()),
+                           self.cmin.astype(np.float64), self.cmax.astype(np.float64),
+                           self.csum / max(self.count, 1), self.zeros, self.hist.counts.copy(),
+                           float(self.hist.lo), float(self.hist.hi))
+
+
+def activation_names(graph: Graph) -> List[str]:
+    """Every non-constant value: the graph inputs and every node output, in topological order."""
+    names = [v.name for v in graph.inputs]
+    for node in graph.topological_order():
+        names.extend(o.name for o in node.outputs if not o.is_const)
+    return names
+
+
+def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequence[str]] = None, chunk: int = 8,
+            bins: int = DEFAULT_BINS, progress: Optional[bool] = None, total: Optional[int] = None
+            ) -> Dict[str, TensorStats]:
+    """Run the float graph over ``batches`` (NHWC) once, ``chunk`` images at a time, and observe ``names``."""
+    from tqdm.auto import tqdm
+
+    from ..backend.executor import Executor
+
+    names = list(dict.fromkeys(names if names is not None else activation_names(graph)))
+    inputs = {v.name for v in graph.inputs}
+    taps = [n for n in names if n not in inputs]
+    for n in names:
+        graph.value(n)  # GraphError on an unknown name
+    ex = Executor(graph, taps=taps)
+    observers = {n: TensorObserver(n, bins) for n in names}
+    disable = None if progress is None else not progress
+    with tqdm(total=total, desc="calibrating", unit="img", disable=disable, leave=False) as bar:
+        for batch in batches:
+            for s in range(0, len(batch), chunk):
+                x = batch[s:s + chunk]
+                _, tapped = ex(x) if taps else (None, {})
+                for n in names:
+                    observers[n].update(x if n in inputs else tapped[n])
+                del tapped
+                bar.update(len(x))
+    return {n: o.result() for n, o in observers.items()}
+
+
+class ActivationStats(Analysis):
+    """:class:`TensorStats` of ``names`` (default: every activation) over the context's calibration data."""
+
+    def __init__(self, names: Optional[Sequence[str]] = None, chunk: int = 8, bins: int = DEFAULT_BINS):
+        self.names = None if names is None else tuple(dict.fromkeys(names))
+        self.chunk, self.bins = int(chunk), int(bins)
+        key = "*" if self.names is None else "\n".join(sorted(self.names))
+        self.name = f"activation_stats:{bins}:{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+    def compute(self, graph: Graph, ctx: Context) -> Dict[str, TensorStats]:
+        data = ctx.require_data("activation observers")
+        return observe(graph, data.batches(), self.names, self.chunk, self.bins, total=len(data))
+
+
+def activation_stats(graph: Graph, ctx: Context, names: Optional[Sequence[str]] = None,
+                     bins: int = DEFAULT_BINS) -> Dict[str, TensorStats]:
+    """Cached :class:`ActivationStats`; a cached analysis of every activation serves any subset of names."""
+    every = ActivationStats(None, bins=bins)
+    if ctx.cached(every.name, graph):
+        stats = ctx.analysis(every, graph)
+        return stats if names is None else {n: stats[n] for n in names}
+    return ctx.analysis(ActivationStats(names, bins=bins), graph)

@@ -1,0 +1,86 @@
+"""Streaming activation observers: histograms that re-bin exactly, per-channel statistics, caching."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qfrewrite.backend.executor import Executor
+from qfrewrite.data import CalibrationSet
+from qfrewrite.errors import DataError
+from qfrewrite.ir import Op
+from qfrewrite.pass_infra import Context
+from qfrewrite.quant.observers import (ActivationStats, StreamingHistogram, TensorObserver, activation_names,
+                                       activation_stats, observe)
+from tests.graphs import tiny_mobilenet
+
+
+def test_histogram_regrowth_matches_one_histogram_of_everything():
+    rng = np.random.default_rng(0)
+    chunks = [rng.normal(0.5, 0.1, 1000), rng.normal(0, 1, 5000), rng.normal(3, 2, 5000), rng.uniform(-9, 0, 100)]
+    h = StreamingHistogram(bins=256)
+    for c in chunks:
+        h.update(c.astype(np.float32))
+    data = np.concatenate(chunks)
+    assert h.lo <= data.min() and h.hi >= data.max() and h.lo <= 0.0
+    assert h.counts.sum() == data.size
+    ref, _ = np.histogram(data, bins=h.edges)
+    # exact re-binning: only values within float rounding of a bin edge may land one bin over
+    assert np.abs(h.counts - ref).sum() <= 4
+
+
+def test_histogram_constant_and_zero_data():
+    h = StreamingHistogram(bins=16)
+    h.update(np.zeros(10, np.float32))
+    h.update(np.zeros(5, np.float32))
+    assert h.counts.sum() == 15 and h.width > 0
+    h.update(np.full(3, 2.0, np.float32))
+    assert h.hi >= 2.0 and h.counts.sum() == 18
+
+
+def test_tensor_observer_channel_statistics():
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(3, 4, 4, 5)).astype(np.float32) * np.arange(1, 6) for _ in range(4)]
+    xs[2][0, 0, 0, 1] = 0.0
+    o = TensorObserver("t", bins=64)
+    for x in xs:
+        o.update(x)
+    s = o.result()
+    flat = np.concatenate(xs).reshape(-1, 5)
+    np.testing.assert_allclose(s.channel_min, flat.min(0))
+    np.testing.assert_allclose(s.channel_max, flat.max(0))
+    np.testing.assert_allclose(s.channel_mean, flat.astype(np.float64).mean(0), rtol=1e-6, atol=1e-7)
+    assert s.min == flat.min() and s.max == flat.max() and s.count == len(flat)
+    assert s.zeros == int(np.sum(flat == 0)) and s.hist.sum() == flat.size
+
+
+def test_observe_graph_matches_executor_and_is_chunk_invariant():
+    rng = np.random.default_rng(2)
+    g = tiny_mobilenet(rng)
+    x = rng.normal(size=(10, 16, 16, 3)).astype(np.float32)
+    names = activation_names(g)
+    assert names[0] == g.inputs[0].name and len(names) == len(g) + 1
+    a = observe(g, [x[:4], x[4:]], names, chunk=3, bins=128)
+    b = observe(g, [x], names, chunk=10, bins=128)
+    clip = g.find(Op.CLIP)[1].output.name
+    _, taps = Executor(g, taps=[clip])(x)
+    t = taps[clip].reshape(-1, taps[clip].shape[-1])
+    for s in (a[clip], b[clip]):
+        np.testing.assert_allclose(s.channel_max, t.max(0), rtol=1e-5)
+        np.testing.assert_allclose(s.channel_mean, t.mean(0, dtype=np.float64), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(a[clip].channel_min, b[clip].channel_min, rtol=1e-5, atol=1e-6)
+    assert a[g.inputs[0].name].max == x.max()
+    assert b[clip].zeros == int(np.sum(t == 0))
+
+
+def test_analysis_cached_in_context_and_invalidated():
+    rng = np.random.default_rng(3)
+    g = tiny_mobilenet(rng)
+    ctx = Context(CalibrationSet([rng.normal(size=(4, 16, 16, 3))]))
+    every = activation_stats(g, ctx)
+    assert ctx.cached(ActivationStats().name, g)
+    sub = activation_stats(g, ctx, [g.inputs[0].name])
+    assert sub[g.inputs[0].name] is every[g.inputs[0].name]  # served from the cache
+    ctx.invalidate()
+    assert not ctx.cached(ActivationStats().name, g)
+    with pytest.raises(DataError, match="calibration data"):
+        activation_stats(g, Context())
