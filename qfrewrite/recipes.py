@@ -68,7 +68,7 @@ def dfq(weights: str = "per_tensor", activations: Optional[str] = None, bits: in
     passes: List[Pass] = [FoldBatchNorm(), FoldDeadChannels(), CrossLayerEqualization(clip="exact")]
     if absorb:
         passes.append(AbsorbBias())
-    passes.append(CorrectBias(weights=weights, bits=bits))
+    passes.append(CorrectBias(weights=weights, bits=bits, method=fakequant_options.get("weight_method")))
     return passes + _fake_quant(quantize, weights, activations, bits, fakequant_options)
 
 

@@ -33,7 +33,7 @@ def test_exact_clip_keeps_the_function_and_equalizes(rng, second, clip_hi):
     g = _pair_graph(rng, second, clip_hi)
     x = rng.normal(scale=3.0, size=(4, 8, 8, 3)).astype(np.float32)
     ref = run_graph(g, x)[0]
-    p = CrossLayerEqualization(clip="exact")
+    p = CrossLayerEqualization(clip="exact", act_guard=False)
     assert p.exact
     res = p(g)
     verify(g)
@@ -49,6 +49,24 @@ def test_exact_clip_keeps_the_function_and_equalizes(rng, second, clip_hi):
         assert vec.shape == (6,) and np.ptp(vec) > 0
     out = run_graph(g, x)[0]
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_activation_guard_keeps_the_tensor_range(rng, with_data):
+    from qfrewrite.backend.executor import Executor
+    from qfrewrite.data import CalibrationSet
+    from qfrewrite.pass_infra import Context
+
+    g = _pair_graph(rng, "depthwise", 6.0)
+    x = rng.normal(scale=3.0, size=(8, 8, 8, 3)).astype(np.float32)
+    tap = lambda graph: Executor(graph, taps=[graph.find(Op.DEPTHWISE_CONV2D)[0].inputs[0].name])(x)[1]
+    before = np.abs(next(iter(tap(g).values()))).max()
+    ref = run_graph(g, x)[0]
+    res = CrossLayerEqualization()(g, Context(CalibrationSet([x]) if with_data else None))
+    assert res.modified and res.stats["min_scale"] >= (0.0 if with_data else 1.0)
+    after = np.abs(next(iter(tap(g).values()))).max()
+    assert after <= before * (1 + 1e-5)
+    np.testing.assert_allclose(run_graph(g, x)[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
 def test_relu_clip_is_declared_inexact_and_drops_the_clip(rng):
