@@ -40,6 +40,11 @@ def _conv_out(size, kernel, stride, dilation, pads):
     return (size + pads[0] + pads[1] - eff) // stride + 1
 
 
+def _same_out(size, stride):
+    """SAME padding's output size, ``ceil(size / stride)``, also for an unknown (``None``) size."""
+    return None if size is None else math.ceil(size / stride)
+
+
 def broadcast_shapes(a: Shape, b: Shape) -> Shape:
     """numpy broadcasting with ``None`` treated as unknown."""
     n = max(len(a), len(b))
@@ -79,8 +84,10 @@ def infer_output_shape(node) -> Shape:
         kh, kw = k.shape[:2]
         if c is not None and k.shape[2] != c:
             raise VerificationError(f"{node.name}: kernel has {k.shape[2]} input channels, input has {c}")
-        pads = resolve_pads(a.padding, (h, w), (kh, kw), a.strides, a.dilations)
         cout = k.shape[3] if op is Op.CONV2D else k.shape[2] * k.shape[3]
+        if a.padding == "SAME":
+            return (n, _same_out(h, a.strides[0]), _same_out(w, a.strides[1]), cout)
+        pads = resolve_pads(a.padding, (h, w), (kh, kw), a.strides, a.dilations)
         return (n, _conv_out(h, kh, a.strides[0], a.dilations[0], pads[0]),
                 _conv_out(w, kw, a.strides[1], a.dilations[1], pads[1]), cout)
     if op is Op.DENSE:
@@ -94,6 +101,8 @@ def infer_output_shape(node) -> Shape:
         return (n, None if h is None else h + t + b, None if w is None else w + l + r, c)
     if op in (Op.AVG_POOL, Op.MAX_POOL):
         n, h, w, c = _spatial(op.value, x)
+        if a.padding == "SAME":
+            return (n, _same_out(h, a.strides[0]), _same_out(w, a.strides[1]), c)
         pads = resolve_pads(a.padding, (h, w), a.kernel, a.strides)
         return (n, _conv_out(h, a.kernel[0], a.strides[0], 1, pads[0]),
                 _conv_out(w, a.kernel[1], a.strides[1], 1, pads[1]), c)
