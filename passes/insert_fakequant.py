@@ -86,6 +86,18 @@ def quantization_points(graph: Graph) -> List[str]:
     return points
 
 
+def _output_sources(graph: Graph) -> set:
+    """Names of the graph outputs and of the values they copy through same-scale ops (Reshape, Pad, ...)."""
+    out = set()
+    for v in graph.outputs:
+        while True:
+            out.add(v.name)
+            if v.producer is None or v.producer.op not in _SAME_SCALE:
+                break
+            v = v.producer.inputs[0]
+    return out
+
+
 def _const_pair(node: Node) -> Tuple[Optional[Value], Optional[Value]]:
     a, b = node.inputs[0], node.inputs[1]
     if b.is_const and not a.is_const:
@@ -193,7 +205,7 @@ class InsertFakeQuant(Pass):
         points = quantization_points(graph)
         observed = activation_stats(graph, ctx, points)
         inputs = {v.name for v in graph.inputs}
-        outputs = {v.name for v in graph.outputs}
+        outputs = _output_sources(graph)
         ranges: Dict[str, Tuple[float, float]] = {}
         for name in points:
             producer = graph.value(name).producer

@@ -18,9 +18,10 @@ Methods:
   its start. Cost = quantization error ``s**2 / 12`` per non-zero in-range value plus ``saturation_weight`` times the
   squared clipping error ``(c - clip(c))**2`` of every histogram bin centre outside. The cheapest candidate wins
   (ties: the earliest, i.e. smaller step).
-* ``kl``: TensorRT-style entropy calibration on the histogram: the clipping bound ``t`` (a bin edge) minimising the
-  KL divergence between the clipped distribution and its ``2**bits``-level (one-sided; two-sided tensors use the
-  larger side with ``2**(bits-1)`` levels) requantization.
+* ``kl``: TensorRT-style entropy calibration on the histogram: the clipping bound ``t`` (a bin edge) minimising
+  ``KL(P || Q)``, ``P`` the bins below ``t`` with the clipped tail added to the last one, ``Q`` the same bins without
+  the tail requantized to ``2**bits`` levels (one-sided; two-sided tensors fold onto ``|x|`` with ``2**(bits-1)``
+  levels). Optional: it can under-range tensors that saturate at a clip bound.
 
 All functions are vectorised over candidates and bins (no per-element Python loop).
 """
@@ -130,15 +131,37 @@ def mse_range(counts: np.ndarray, lo: float, hi: float, vmin: float, vmax: float
     return start, start + qmax * s
 
 
-def kl_range(counts: np.ndarray, lo: float, hi: float, bits: int = 8, min_bins: int = 0) -> Tuple[float, float]:
+def _kl(p: np.ndarray, q: np.ndarray, eps: float = 1e-4) -> float:
+    """KL(P || Q) of two histograms after moving ``eps`` of mass onto their empty bins (as MXNet/TensorRT do)."""
+    out = []
+    for d in (p, q):
+        zero = d == 0
+        nz = d.size - int(zero.sum())
+        if nz == 0:
+            return np.inf
+        e1 = eps * zero.sum() / nz
+        d = d / d.sum()
+        out.append(np.where(zero, eps, d - e1))
+    p, q = out
+    mask = p > 0
+    return float(np.sum(p[mask] * np.log(p[mask] / np.maximum(q[mask], 1e-30))))
+
+
+def kl_range(counts: np.ndarray, lo: float, hi: float, bits: int = 8, zeros: float = 0.0,
+             min_bins: int = 0) -> Tuple[float, float]:
     """Entropy calibration: the clipping threshold minimising KL(P || Q) over bin-edge candidates.
 
     One-sided (all mass >= 0): threshold on ``[0, t]`` with ``2**bits`` levels. Otherwise the histogram is folded
-    into ``|x|`` and a symmetric ``[-t, t]`` with ``2**(bits-1)`` levels per side is chosen.
+    into ``|x|`` and a symmetric ``[-t, t]`` with ``2**(bits-1)`` levels per side is chosen. ``zeros`` exact zeros
+    are left out (a spike at 0 is quantized exactly and would dominate the divergence). Known weakness: a tensor that
+    saturates at a clip bound (a spike at 6 after ReLU6) can be given a much too small range; prefer ``mse``.
     """
-    counts = np.asarray(counts, np.float64)
+    counts = np.asarray(counts, np.float64).copy()
     n = len(counts)
     w = (hi - lo) / n
+    if zeros:
+        k = int(np.clip(np.floor((0.0 - lo) / w), 0, n - 1))
+        counts[k] = max(counts[k] - zeros, 0.0)
     edges = np.linspace(lo, hi, n + 1)
     if counts.sum() <= 0:
         return minmax_range(lo, hi)
@@ -161,19 +184,16 @@ def kl_range(counts: np.ndarray, lo: float, hi: float, bits: int = 8, min_bins: 
         return (min(lo, 0.0), t) if one_sided else (-t, t)
     best_t, best_kl = m, np.inf
     for i in range(first, m + 1):
-        p = mags[:i].copy()
-        p[-1] += mags[i:].sum()
+        ref = mags[:i]
+        p = ref.copy()
+        p[-1] += mags[i:].sum()  # the clipped tail lands in the last bin
         nz = p > 0
-        # quantize p into `levels` groups of bins, spread each group's mass over its non-empty bins
+        # Q: the unclipped bins merged into `levels` groups, each group's mass spread over the non-empty bins of P
         group = (np.arange(i) * levels) // i
-        gsum = np.bincount(group, weights=p, minlength=levels)
+        gsum = np.bincount(group, weights=ref, minlength=levels)
         gcnt = np.bincount(group, weights=nz.astype(np.float64), minlength=levels)
         q = np.where(nz, gsum[group] / np.maximum(gcnt[group], 1.0), 0.0)
-        ps, qs = p.sum(), q.sum()
-        if ps <= 0 or qs <= 0:
-            continue
-        pn, qn = p[nz] / ps, q[nz] / qs
-        kl = float(np.sum(pn * np.log(pn / np.maximum(qn, 1e-30))))
+        kl = _kl(p, q)
         if kl < best_kl:
             best_kl, best_t = kl, i
     t = base + best_t * w

@@ -27,7 +27,7 @@ def activation_range(stats: TensorStats, method: str = "mse", bits: int = 8,
         # already on an integer zero point, chosen by cost: keep it exactly
         return mse_range(stats.hist, stats.hist_lo, stats.hist_hi, stats.min, stats.max, bits, zeros=stats.zeros)
     elif method == "kl":
-        lo, hi = kl_range(stats.hist, stats.hist_lo, stats.hist_hi, bits)
+        lo, hi = kl_range(stats.hist, stats.hist_lo, stats.hist_hi, bits, zeros=stats.zeros)
     else:
         raise QfrewriteError(f"activation range method must be one of {ACTIVATION_METHODS}, got {method!r}")
     # never wider than what was observed (a histogram edge can overshoot the data)
