@@ -18,7 +18,7 @@ import numpy as np
 from .errors import EmitError
 
 __all__ = ["TensorInfo", "OpInfo", "ModelInfo", "inspect_tflite", "assert_fully_integer", "float_ops",
-           "interpreter"]
+           "interpreter", "tensors_for_node"]
 
 _INTEGER = (np.int8, np.uint8, np.int16, np.int32, np.int64)
 
@@ -120,6 +120,18 @@ def inspect_tflite(model: Union[str, os.PathLike, bytes]) -> ModelInfo:
                   tuple(int(i) for i in d["outputs"] if i >= 0)) for d in it._get_ops_details()]
     return ModelInfo(tensors, ops, [d["index"] for d in it.get_input_details()],
                      [d["index"] for d in it.get_output_details()])
+
+
+def tensors_for_node(info: ModelInfo, node_name: str) -> List[TensorInfo]:
+    """The op-produced tensors whose (fused) name carries the IR node ``node_name``.
+
+    The lowering names every TF op under a scope of its IR node, and the converter joins the names of the ops it
+    fuses with ``;``: ``"clip/Relu6;conv2d/BiasAdd;conv2d/Conv2D"`` is the output of node ``clip`` (and ``conv2d``).
+    """
+    from .backend.tf_lowering import _scope_name
+
+    prefix = _scope_name(node_name) + "/"
+    return [t for t in info.activation_tensors() if any(part.startswith(prefix) for part in t.name.split(";"))]
 
 
 def float_ops(info: ModelInfo) -> List[str]:

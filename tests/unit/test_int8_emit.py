@@ -1,0 +1,132 @@
+"""Fully integer TFLite emission: integer-only ops, ranges read back equal to the chosen ones, agreement with the
+FakeQuant simulation of the IR layer by layer and at the output, int8/uint8/float I/O."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qfrewrite.backend.executor import Executor
+from qfrewrite.data import CalibrationSet
+from qfrewrite.emit.tflite import emit_tflite
+from qfrewrite.errors import EmitError
+from qfrewrite.ir import FakeQuantAttrs, Op
+from qfrewrite.pass_infra import Context
+from qfrewrite.passes import FoldBatchNorm, InsertFakeQuant
+from qfrewrite.tflite_inspect import (assert_fully_integer, float_ops, inspect_tflite, interpreter,
+                                      tensors_for_node)
+from tests.graphs import tiny_mobilenet
+from tests.unit.test_insert_fakequant import residual_block
+
+
+def _quantized(rng, graph, shape, weights, n=24):
+    x = rng.normal(size=(n, *shape)).astype(np.float32)
+    FoldBatchNorm()(graph)
+    InsertFakeQuant(weights=weights)(graph, Context(CalibrationSet([x])))
+    return graph, x
+
+
+def _run(fb, x, preserve=False):
+    it = interpreter(fb) if not preserve else _preserving(fb)
+    inp, out = it.get_input_details()[0], it.get_output_details()[0]
+    outs, inters = [], []
+    for i in range(len(x)):
+        xi = x[i:i + 1]
+        if inp["dtype"] != np.float32:
+            s, z = inp["quantization"]
+            xi = np.clip(np.round(xi / s + z), np.iinfo(inp["dtype"]).min, np.iinfo(inp["dtype"]).max)
+        it.set_tensor(inp["index"], xi.astype(inp["dtype"]))
+        it.invoke()
+        y = it.get_tensor(out["index"])
+        if out["dtype"] != np.float32:
+            s, z = out["quantization"]
+            y = (y.astype(np.float32) - z) * s
+        outs.append(y)
+        if preserve:
+            inters.append({d["index"]: it.get_tensor(d["index"]).copy() for d in it.get_tensor_details()
+                           if d["dtype"] == np.int8 and len(d["shape"]) > 0})
+    return np.concatenate(outs), inters
+
+
+def _preserving(fb):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    it = Interpreter(model_content=fb, experimental_preserve_all_tensors=True,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    return it
+
+
+@pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
+def test_fully_integer_ranges_and_layer_by_layer(rng, weights):
+    g, x = _quantized(rng, residual_block(rng, relu_after_add=True), (8, 8, 4), weights)
+    fb = emit_tflite(g)
+    info = assert_fully_integer(fb, io_dtype="float32")
+    ops = info.op_counts()
+    assert ops.get("QUANTIZE") == 1 and ops.get("DEQUANTIZE") == 1 and "ADD" in ops
+    kernels = [info.tensors[op.inputs[1]] for op in info.ops if op.name in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert all(k.dtype is np.int8 for k in kernels)
+    assert all((len(k.scales) > 1) == (weights == "per_channel") for k in kernels if k.shape[-1] > 1)
+    # every FakeQuant range is in the file exactly: scale and integer zero point
+    fqs = g.find(Op.FAKE_QUANT)
+    taps = [fq.output.name for fq in fqs]
+    checked = 0
+    for fq in fqs:
+        lo, hi = fq.attrs.lo[0], fq.attrs.hi[0]
+        scale, zp = (hi - lo) / 255, int(round(-lo / ((hi - lo) / 255))) - 128
+        src = fq.inputs[0].producer
+        found = tensors_for_node(info, fq.name) + (tensors_for_node(info, src.name) if src else [])
+        found = [t for t in found if t.dtype is np.int8]
+        assert found, fq.name
+        for t in found:
+            assert t.scale == pytest.approx(scale, rel=1e-6) and t.zero_point == zp, (fq.name, t.name)
+        checked += 1
+    assert checked == len(fqs) >= 7
+    # layer by layer: each materialised int8 tensor against the simulation, in LSB of its own scale
+    sim_out, sim_taps = Executor(g, taps=taps, quantize=True)(x[:6])
+    out, inters = _run(fb, x[:6], preserve=True)
+    for fq in fqs[1:]:  # (the input quantization is checked through everything after it)
+        t = [t for t in tensors_for_node(info, fq.inputs[0].producer.name) if t.dtype is np.int8][0]
+        got = np.concatenate([(it[t.index].astype(np.float32) - t.zero_point) * t.scale for it in inters])
+        want = sim_taps[fq.output.name].reshape(got.shape)
+        lsb = np.abs(got - want) / t.scale
+        assert np.mean(lsb <= 1.01) >= 0.99 and lsb.max() <= 3.01, (fq.name, lsb.max())
+    step = (fqs[-1].attrs.hi[0] - fqs[-1].attrs.lo[0]) / 255
+    assert np.mean(np.abs(out - sim_out[0]) <= 1.01 * step) >= 0.95
+
+
+@pytest.mark.parametrize("io_dtype", ["int8", "uint8"])
+def test_integer_io(rng, io_dtype, tmp_path):
+    g, x = _quantized(rng, tiny_mobilenet(rng), (16, 16, 3), "per_channel")
+    path = tmp_path / "m.tflite"
+    fb = emit_tflite(g, path, io_dtype=io_dtype)
+    assert path.read_bytes() == fb
+    info = assert_fully_integer(str(path), io_dtype=io_dtype)
+    assert "QUANTIZE" not in info.op_counts() or io_dtype == "uint8"
+    inp = info.tensors[info.inputs[0]]
+    fq_in = [fq for fq in g.find(Op.FAKE_QUANT) if fq.inputs[0] is g.inputs[0]][0]
+    assert inp.range()[0] == pytest.approx(fq_in.attrs.lo[0], abs=1e-6)
+    assert inp.range()[1] == pytest.approx(fq_in.attrs.hi[0], abs=1e-6)
+    out, _ = _run(fb, x[:8])
+    sim = Executor(g, quantize=True)(x[:8])[0]
+    fq = g.find(Op.FAKE_QUANT)[-1].attrs
+    step = (fq.hi[0] - fq.lo[0]) / 255
+    assert np.mean(np.abs(out - sim) <= 1.01 * step) >= 0.95
+
+
+def test_float_op_inside_is_reported(rng):
+    g = tiny_mobilenet(rng, dense_head=False, bn=False)
+    # a hand-made graph with FakeQuant only at the input: the convolutions stay float
+    fq = g.add_node(Op.FAKE_QUANT, [g.inputs[0]], FakeQuantAttrs((-4.0,), (4.0,)))
+    conv = g.find(Op.CONV2D)[0]
+    conv.set_input(0, fq.output)
+    with pytest.raises(EmitError, match="not fully integer"):
+        emit_tflite(g)
+    problems = float_ops(inspect_tflite(emit_tflite(g, check=False)))
+    assert problems and any("CONV_2D" in p for p in problems)
+
+
+def test_emit_needs_fake_quant_for_int8(rng):
+    with pytest.raises(EmitError, match="InsertFakeQuant"):
+        emit_tflite(tiny_mobilenet(rng), quantized=True)
+    with pytest.raises(EmitError, match="not a readable TFLite"):
+        inspect_tflite(b"definitely not a flatbuffer")
