@@ -3,8 +3,8 @@
 ``tf.nn.batch_normalization`` (used by ``tf.contrib.layers.batch_norm``, hence by TF-slim, and by Keras 3's
 BatchNormalization layer on TensorFlow) writes inference BatchNorm as::
 
-    inv   = rsqrt(variance + eps) [* gamma]        # constant per channel
-    shift = beta - mean * inv   |   -(mean * inv)  # constant per channel (no beta: Neg)
+    inv   = rsqrt(variance + eps) [* gamma]                   # constant per channel
+    shift = beta - mean * inv  |  -(mean * inv)  |  (-mean) * inv    # constant per channel (no beta: Neg)
     y     = x * inv + shift
 
 :func:`match_unfused_batchnorm` finds that shape around its final ``Add``/``AddV2``: each binary op may have its
@@ -100,9 +100,15 @@ def _match_inv(view: GraphDefView, inv: Ref):
 
 
 def _match_shift(view: GraphDefView, shift: Ref, inv: Ref):
-    """``beta - mean * inv`` or ``-(mean * inv)`` -> (mean, beta, raw leaf names) or None."""
+    """``beta - mean * inv``, ``-(mean * inv)`` or ``(-mean) * inv`` -> (mean, beta, raw leaf names) or None."""
     op = _op(view, shift)
-    ops = _operands(view, shift[0]) if op in ("Sub", "Neg") else []
+    ops = _operands(view, shift[0]) if op in ("Sub", "Neg", "Mul") else []
+    if op == "Mul" and len(ops) == 2:  # TF2's tf.nn.batch_normalization without offset
+        for (_, neg), (_, other) in (ops, ops[::-1]):
+            if other == inv and _op(view, neg) == "Neg":
+                (rm, m), = _operands(view, neg[0])[:1]
+                return m, None, [rm]
+        return None
     if op == "Sub" and len(ops) == 2:
         (rbeta, beta), (_, prod) = ops
     elif op == "Neg" and len(ops) == 1:

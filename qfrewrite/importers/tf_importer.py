@@ -354,8 +354,11 @@ def load_saved_model(path: Union[str, os.PathLike], inputs: Names = None, output
     placeholders = [t.op.name for t in frozen.inputs if t.dtype != tf.resource]
     kw = fn.structured_input_signature[1] if len(fn.structured_input_signature) > 1 else {}
     in_map = dict(zip(sorted(kw), placeholders)) if len(kw) == len(placeholders) else {}
-    flat_out = tf.nest.flatten_with_joined_string_paths(fn.structured_outputs)
-    out_map = {k: t.name for (k, _), t in zip(flat_out, frozen.outputs)}
+    structured = fn.structured_outputs
+    keys = sorted(structured) if isinstance(structured, Mapping) else []  # tf.nest orders a dict by sorted keys
+    if len(keys) != len(frozen.outputs):
+        keys = [f"output_{i}" for i in range(len(frozen.outputs))]
+    out_map = {k: t.name for k, t in zip(keys, frozen.outputs)}
 
     ins = _as_list(inputs)
     ins = [in_map.get(i, i) for i in ins] if ins is not None else placeholders
