@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 from .api import Result, load, rewrite  # noqa: E402
 from .errors import (DataError, EmitError, GraphError, ModelLoadError, PassError, QfrewriteError,  # noqa: E402
                      UnsupportedOpError, VerificationError)
+from .evaluate import evaluate  # noqa: E402
 from .ir import Graph, Node, Op, Value  # noqa: E402
 from .pass_infra import Context, Pass, PassManager, PassResult  # noqa: E402
 
@@ -23,7 +24,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 __version__ = "0.1.0"
 
 __all__ = [
-    "rewrite", "load", "Result", "Graph", "Node", "Op", "Value", "Pass", "PassResult", "PassManager", "Context",
+    "rewrite", "load", "evaluate", "Result", "Graph", "Node", "Op", "Value", "Pass", "PassResult", "PassManager", "Context",
     "QfrewriteError", "ModelLoadError", "UnsupportedOpError", "GraphError", "VerificationError", "PassError",
     "DataError", "EmitError", "__version__",
 ]
