@@ -1,0 +1,164 @@
+"""The main job in one call: import a model, run a recipe on calibration images, emit a fully int8 TFLite file,
+read it back and check it against the float model on held-back images.
+
+``convert(model, output, data, recipe="dfq", weights="per_channel", ...)`` returns a :class:`ConvertSummary` and
+writes, beside ``output`` (``OUT.tflite``), the report JSON ``OUT.json``: the pass report, the emitted model's op
+counts and size, and the float-vs-int8 agreement. Images are split deterministically: ``holdout`` images, evenly
+spaced over the sorted file list, are held back from calibration and used only for the agreement check.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+
+from .errors import DataError, QfrewriteError
+
+__all__ = ["convert", "ConvertSummary", "RECIPES", "split_holdout"]
+
+log = logging.getLogger(__name__)
+
+RECIPES = ("plain", "dfq", "qualcomm")
+
+
+@dataclass
+class ConvertSummary:
+    """What :func:`convert` did and measured."""
+
+    model: str
+    output: str
+    report_json: str
+    recipe: str
+    weights: str
+    size_bytes: int
+    op_counts: Dict[str, int]
+    fully_integer: bool
+    input_dtype: str
+    calibration_images: int
+    holdout_images: int
+    agreement: Optional[Dict[str, Any]] = None
+    top1_float: Optional[float] = None
+    top1_int8: Optional[float] = None
+    onnx: Optional[str] = None
+    seconds: float = 0.0
+    passes: list = field(default_factory=list)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        ops = ", ".join(f"{k} {v}" for k, v in self.op_counts.items())
+        lines = [
+            f"model        {self.model}",
+            f"recipe       {self.recipe} ({self.weights} weights): {' -> '.join(self.passes)}",
+            f"output       {self.output} ({self.size_bytes / 1024:.1f} KiB, "
+            f"{'fully int8' if self.fully_integer else 'NOT fully integer'}, input {self.input_dtype})",
+            f"ops          {ops}",
+            f"calibration  {self.calibration_images} images; held back {self.holdout_images}",
+        ]
+        if self.agreement:
+            a = self.agreement
+            lines.append(f"float vs int8 on held-back images: top-1 agreement {100 * a['top1_agreement']:.1f}%, "
+                         f"SQNR {a['sqnr_db']:.1f} dB")
+        if self.top1_float is not None:
+            lines.append(f"top-1 on held-back images: float {100 * self.top1_float:.1f}%, "
+                         f"int8 {100 * self.top1_int8:.1f}%")
+        if self.onnx:
+            lines.append(f"onnx         {self.onnx}")
+        lines.append(f"report       {self.report_json}")
+        lines.append(f"time         {self.seconds:.1f} s")
+        return "\n".join(lines)
+
+
+def split_holdout(n: int, holdout: int):
+    """Indices ``(calibration, held_back)`` of ``n`` items with ``holdout`` evenly spaced items held back."""
+    holdout = int(max(0, min(holdout, n - 1)))
+    if holdout == 0:
+        return np.arange(n), np.arange(0)
+    held = np.unique(np.linspace(0, n - 1, holdout).round().astype(int))
+    mask = np.ones(n, bool)
+    mask[held] = False
+    return np.flatnonzero(mask), held
+
+
+def _recipe_passes(recipe: str, weights: str, activations: Optional[str]):
+    from . import recipes
+
+    if recipe not in RECIPES:
+        raise QfrewriteError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
+    if weights not in ("per_channel", "per_tensor"):
+        raise QfrewriteError(f"weights must be per_channel or per_tensor, got {weights!r}")
+    kwargs = {"weights": weights}
+    if activations:
+        kwargs["activations"] = activations
+    return getattr(recipes, recipe)(**kwargs)
+
+
+def convert(model, output: Union[str, os.PathLike], data, recipe: str = "dfq", weights: str = "per_channel",
+            activations: Optional[str] = None, preprocess=None, onnx_output: Optional[Union[str, os.PathLike]] = None,
+            holdout: Optional[int] = None, limit: Optional[int] = None, io_dtype: str = "float32",
+            inputs=None, outputs=None, input_shape=None, progress: Optional[bool] = None) -> ConvertSummary:
+    """Convert ``model`` to a fully int8 TFLite file at ``output`` (see the module docstring)."""
+    from . import load, rewrite
+    from .evaluate import evaluate
+    from .images import ImageFolder, ImageSet
+    from .io_utils import atomic_write_bytes
+    from .tflite_inspect import float_ops, inspect_tflite
+
+    t0 = time.perf_counter()
+    output = Path(output)
+    if output.suffix.lower() != ".tflite":
+        raise QfrewriteError(f"output {output} must end in .tflite")
+    graph = load(model, inputs=inputs, outputs=outputs, input_shape=input_shape)
+    passes = _recipe_passes(recipe, weights, activations)
+    if isinstance(data, ImageSet):
+        images = data
+    elif isinstance(data, (str, os.PathLike, ImageFolder)):
+        folder = data if isinstance(data, ImageFolder) else ImageFolder(data, preprocess=preprocess, limit=limit,
+                                                                       progress=progress)
+        images = folder.read(graph, preprocess=preprocess)
+    else:
+        raise DataError("convert needs calibration images: an image folder (flat or one sub-folder per class)")
+    n = len(images)
+    if holdout is None:
+        holdout = min(100, n // 10)
+    calib_idx, held_idx = split_holdout(n, holdout)
+    calib = images.subset(calib_idx)
+    held = images.subset(held_idx) if len(held_idx) else None
+    log.info("calibrating on %d images, holding back %d", len(calib), 0 if held is None else len(held))
+
+    result = rewrite(graph, passes=passes, data=calib)
+    flatbuffer = result.to_tflite(output, io_dtype=io_dtype)
+    info = inspect_tflite(flatbuffer)
+    fully_int = not float_ops(info)
+    in_t = info.tensors[info.inputs[0]]
+    agreement = top1_f = top1_q = None
+    if held is not None and len(held):
+        ev = evaluate(flatbuffer, held, reference=graph)
+        agreement = {"top1_agreement": ev.top1_agreement, "sqnr_db": ev.sqnr_db, "images": ev.images}
+        if held.labels is not None:
+            top1_q = ev.top1
+            top1_f = evaluate(graph, held).top1
+    onnx_path = None
+    if onnx_output is not None:
+        result.to_onnx(onnx_output)
+        onnx_path = str(onnx_output)
+    summary = ConvertSummary(
+        model=str(model if isinstance(model, (str, os.PathLike)) else getattr(model, "name", type(model).__name__)),
+        output=str(output), report_json=str(output.with_suffix(".json")), recipe=recipe, weights=weights,
+        size_bytes=len(flatbuffer), op_counts=info.op_counts(), fully_integer=fully_int,
+        input_dtype=np.dtype(in_t.dtype).name, calibration_images=len(calib),
+        holdout_images=0 if held is None else len(held), agreement=agreement, top1_float=top1_f, top1_int8=top1_q,
+        onnx=onnx_path, passes=[p.name for p in passes])
+    summary.seconds = time.perf_counter() - t0
+    doc = {"summary": summary.to_dict(), "report": result.report.to_dict()}
+    from .report import jsonable
+
+    atomic_write_bytes(summary.report_json, json.dumps(jsonable(doc), indent=2).encode())
+    return summary
