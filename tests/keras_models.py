@@ -55,6 +55,7 @@ def zoo_model(hw=16):
     s = L.ReLU(6.0, name="se_relu6")(s + 3.0) * (1.0 / 6.0)  # MobileNetV3's hard sigmoid
     x = L.Multiply(name="se_mul")([x, s])
     x = L.Activation("hard_swish", name="hswish")(x)
+    x = L.Multiply(name="hswish_k2")([x, L.ReLU(6.0, name="hs_relu6")(x + 3.0) * (1.0 / 6.0)])  # Keras 2's spelling
     y = L.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="dw2")(x)
     y = L.Activation("sigmoid", name="sig")(y)
     x = L.Concatenate(name="concat")([x, y])

@@ -208,6 +208,9 @@ def _parse_sequential(name: str, cfg: Dict[str, Any]) -> ModelSpec:
         shape = _batch_shape(first.get("config", {}) or {})
     if shape is None and entries:
         shape = _batch_shape(entries[0].get("config", {}) or {})
+    if shape is None and entries and _nested(entries[0]) is not None:  # a backbone model as the first layer
+        inner = _nested(entries[0])
+        shape = inner.input_shapes.get(inner.inputs[0].layer) if inner.inputs else None
     if shape is None and cfg.get("build_input_shape") is not None:
         shape = tuple(None if d is None else int(d) for d in cfg["build_input_shape"])
     layers = [LayerSpec(in_name, "InputLayer", {"batch_shape": list(shape) if shape else None}, [])]
@@ -229,8 +232,10 @@ def parse_model_config(model_config: Dict[str, Any]) -> ModelSpec:
     cls = model_config.get("class_name")
     cfg = model_config.get("config")
     if not isinstance(cfg, dict) or "layers" not in cfg:
-        raise ModelLoadError(f"model class {cls!r} has no layer list in its config: only functional and sequential "
-                             "Keras models can be imported (a subclassed model has no graph to read)")
+        name = cfg.get("name") if isinstance(cfg, dict) else None
+        raise ModelLoadError(f"model {name or '?'!r} of class {cls!r} has no layer list in its config: only "
+                             "functional and sequential Keras models can be imported (a subclassed model has no "
+                             "graph to read)")
     name = str(cfg.get("name") or model_config.get("name") or "model")
     if cls == "Sequential" or ("input_layers" not in cfg and "output_layers" not in cfg):
         return _parse_sequential(name, cfg)

@@ -227,8 +227,10 @@ def _from_object(model, input_shape, outputs, source: Optional[str] = None) -> G
     except Exception as exc:  # subclassed models raise NotImplementedError, others their own errors
         raise ModelLoadError(f"model {source!r} ({type(model).__name__}) has no readable config ({exc}): only "
                              "functional and sequential Keras models can be imported") from None
-    cls = "Sequential" if type(model).__name__ == "Sequential" else "Functional"
-    spec = parse_model_config({"class_name": cls, "config": cfg})
+    if not isinstance(cfg, dict) or "layers" not in cfg:
+        raise ModelLoadError(f"model {source!r} ({type(model).__name__}) has no layer graph in its config (a "
+                             "subclassed model?): only functional and sequential Keras models can be imported")
+    spec = parse_model_config({"class_name": type(model).__name__, "config": cfg})
     major = 2 if type(model).__module__.startswith("tf_keras") else 3
     graph = _build_graph(spec, ObjectWeights(model), major, source, input_shape, outputs)
     return graph

@@ -8,6 +8,7 @@ import pytest
 import qfrewrite
 from qfrewrite.backend.executor import run_graph
 from qfrewrite.errors import ModelLoadError, UnsupportedOpError
+from qfrewrite.importers.keras_importer import load_keras
 from qfrewrite.ir import Op
 from qfrewrite.passes import FoldBatchNorm
 from tests.keras_models import mobilenet_block_model, randomize_bn, write_keras2_h5, zoo_model
@@ -38,8 +39,9 @@ def test_zoo_model_object_matches_keras(zoo):
     g = qfrewrite.load(m)
     ops = g.op_counts()
     # SeparableConv2D -> depthwise + pointwise; the V3-style (x + 3) relu6 / 6 chain -> HardSigmoid; Dropout no node
-    assert ops["DepthwiseConv2D"] == 3 and ops["Conv2D"] == 5 and ops["HardSigmoid"] == 1 and ops["HardSwish"] == 1
-    assert ops["Normalize"] == 2 and g.meta["activations_recognised"]["HardSigmoid"] == 1
+    assert ops["DepthwiseConv2D"] == 3 and ops["Conv2D"] == 5 and ops["HardSigmoid"] == 1 and ops["HardSwish"] == 2
+    assert ops["Normalize"] == 2 and g.meta["activations_recognised"] == {"HardSigmoid": 2, "HardSwish": 1}
+    assert ops["Mul"] == 2  # the squeeze-excite gate and swish's x * sigmoid(x); no constant multiplications left
     assert not any(n.meta.get("source_name") == "drop" for n in g)
     assert g.meta["format"] == "keras" and g.meta["input_layout"] == "NHWC"
     assert g.meta["output_names"] == ["probs"] and g.meta["source"] == "zoo"
@@ -199,6 +201,19 @@ def test_corrupt_and_foreign_files_raise_model_load_error(tmp_path):
         qfrewrite.load(tmp_path / "missing.h5")
     with pytest.raises(ModelLoadError, match="no layer named 'logit'.*logits"):
         qfrewrite.load(zoo_model(), outputs=["logit"])
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__(name="custom")
+            self.conv = L.Conv2D(2, 1)
+
+        def call(self, x):
+            return self.conv(x)
+
+    sub = Subclassed()
+    sub(np.zeros((1, 4, 4, 3), np.float32))
+    with pytest.raises(ModelLoadError, match="custom.*functional and sequential"):
+        load_keras(sub)
 
 
 def test_callers_model_and_file_are_untouched(tmp_path):
