@@ -117,6 +117,9 @@ CASES = {
         lambda x: tf.reshape(tf.nn.conv2d(x, _c(3, 3, 3, 4) * 2.0 + tf.sqrt(tf.constant(4.0)), 2, "SAME"),
                              tf.stack([tf.constant(-1), tf.constant(4) * tf.constant(16)])),
         {"Conv2D": 1, "Reshape": 1}),
+    "reshape_to_a_shape_computed_from_the_input": (
+        lambda x: tf.reshape(tf.nn.relu(x), tf.stack([tf.shape(x)[0], tf.constant(-1)])),
+        {"Relu": 1, "Reshape": 1}),
     "reshape_keeping_the_fixed_batch": (
         lambda x: tf.reshape(tf.nn.relu(x), [1, 8 * 8 * 3]),
         {"Relu": 1, "Reshape": 1}),
