@@ -159,7 +159,8 @@ def test_bias_stays_an_add_when_the_layer_output_has_another_reader(tmp_path):
 
 
 def _slim_batch_norm(x, scope, c, eps, scale=True, center=True):
-    """TF-slim's layout: variables as Const + ``/read`` Identity in ``scope``, arithmetic by tf.nn.batch_normalization."""
+    """TF-slim's layout: variables as Const + ``/read`` Identity in ``scope``; the arithmetic of
+    tf.nn.batch_normalization in another scope (``net/net/...``, as slim's ops are)."""
     def var(name, v):
         return tf.identity(tf.constant(v.astype(np.float32), name=f"{scope}/{name}"), name=f"{scope}/{name}/read")
 
