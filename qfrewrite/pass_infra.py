@@ -119,7 +119,9 @@ StatsHook = Callable[[Graph], Any]
 class PassManager(Pass):
     """Run passes in order, verifying after each one and recording a report.
 
-    ``stats`` is a callable giving a per-channel statistics summary of a graph (``None``: no statistics).
+    ``stats`` gives the per-channel statistics of a graph (``None``: no statistics): an :class:`Analysis`, cached in
+    the context and so recomputed only after a modifying pass (default:
+    :class:`~qfrewrite.analysis.channel_stats.ChannelStats`), or a callable ``(graph) -> summary``.
     ``drift_batch`` is an NHWC batch used to measure the float output drift of non-exact passes; by default the first
     calibration batch of the context, else a fixed random batch.
     """
@@ -134,9 +136,9 @@ class PassManager(Pass):
                 raise TypeError(f"{p!r} is not a qfrewrite Pass (did you forget the parentheses?)")
         self.verify_each = verify_each
         if stats == "default":
-            from .analysis.channel_stats import graph_stats_summary
+            from .analysis.channel_stats import ChannelStats
 
-            stats = graph_stats_summary
+            stats = ChannelStats()
         self.stats = stats
         self.measure_drift = measure_drift
 
@@ -149,6 +151,14 @@ class PassManager(Pass):
             return list(ctx.data.drift_batch())
         rng = np.random.default_rng(0)
         return [rng.standard_normal((4, *[d or 224 for d in v.shape[1:]])).astype(np.float32) for v in graph.inputs]
+
+    def _stats(self, graph: Graph, ctx: Context):
+        """The statistics hook's result: an :class:`Analysis` hook is cached in ``ctx``, a callable is called."""
+        if not self.stats:
+            return None
+        if isinstance(self.stats, Analysis):
+            return ctx.analysis(self.stats, graph)
+        return self.stats(graph)
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         from .backend.executor import Executor
@@ -163,7 +173,7 @@ class PassManager(Pass):
         ran: List[str] = []
         drift_inputs = None
         for p in self.passes:
-            before = self.stats(graph) if self.stats else None
+            before = self._stats(graph, ctx)
             ref_outputs = None
             if self.measure_drift and not p.exact:
                 drift_inputs = drift_inputs if drift_inputs is not None else self._drift_inputs(graph, ctx)
@@ -191,7 +201,7 @@ class PassManager(Pass):
             if ref_outputs is not None and result.modified:
                 drift = output_drift(ref_outputs, Executor(graph, quantize=True)(*drift_inputs))
                 drift["on"] = "calibration batch" if ctx.data is not None else "random normal batch"
-            after = (self.stats(graph) if result.modified else before) if self.stats else None
+            after = self._stats(graph, ctx) if result.modified else before
             report.add(PassReport(name=p.name, exact=p.exact, modified=result.modified, stats=result.stats,
                                   seconds=seconds, drift=drift, stats_before=before, stats_after=after))
             log.info("pass %s: modified=%s %s", p.name, result.modified, result.stats)
