@@ -39,6 +39,29 @@ def load(source, inputs: Optional[Sequence[str]] = None, outputs: Optional[Seque
     """
     if isinstance(source, Graph):
         return source.copy()
+    graph = _import(source, inputs, outputs, input_shape)
+    check_finite_weights(graph, source)
+    return graph
+
+
+def check_finite_weights(graph: Graph, source=None) -> None:
+    """Raise :class:`ModelLoadError` naming the first layers whose weights hold NaN or Inf."""
+    import numpy as np
+
+    bad = []
+    for node in graph.topological_order():
+        for v in node.inputs:
+            if v.is_const and not np.all(np.isfinite(v.const)):
+                bad.append(f"{node.source_name} ({node.op.value}, {int(np.sum(~np.isfinite(v.const)))} "
+                           f"non-finite values in {v.name})")
+                break
+    if bad:
+        where = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
+        raise ModelLoadError(f"{where}weights hold NaN or Inf in {len(bad)} layer(s): {'; '.join(bad[:5])}"
+                             f"{' ...' if len(bad) > 5 else ''}; such a model cannot be quantized")
+
+
+def _import(source, inputs, outputs, input_shape) -> Graph:
     if _is_keras_object(source):
         from .keras_importer import load_keras
 
