@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 from typing import Dict, Optional, Tuple
 
-import numpy as np
 
 from ..ir import Graph, Node, Op, Value
 

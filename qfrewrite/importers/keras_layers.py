@@ -32,7 +32,7 @@ import numpy as np
 from ..errors import ModelLoadError, UnsupportedOpError
 from ..ir import (BatchNormAttrs, ClipAttrs, ConcatAttrs, ConvAttrs, GlobalMeanAttrs, Graph, NormalizeAttrs, Op,
                   PadAttrs, PoolAttrs, ReshapeAttrs, SoftmaxAttrs, Value)
-from .keras_config import LayerSpec, Ref
+from .keras_config import LayerSpec
 
 __all__ = ["LayerCall", "convert_layer", "SUPPORTED_LAYERS", "SUPPORTED_ACTIVATIONS", "IDENTITY_LAYERS"]
 
@@ -359,10 +359,6 @@ def _normalization(c: LayerCall) -> Value:
 
 def _identity(c: LayerCall) -> Value:
     return c.x()
-
-
-def _input_layer(c: LayerCall) -> Value:  # pragma: no cover - input layers are bound by the builder
-    raise ModelLoadError(f"{c.source}: input layer {c.name!r} is called like a layer")
 
 
 # -- arithmetic with constants (Keras 3 ops, Keras 2 TFOpLambda) --------------------------------------------------

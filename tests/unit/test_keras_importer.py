@@ -1,6 +1,5 @@
 """Keras importer: every supported source and layer matches Keras numerically; errors name the layer or file."""
 import hashlib
-import shutil
 
 import numpy as np
 import pytest
@@ -251,6 +250,8 @@ FAMILIES = {
                                                     classifier_activation=None),
     "v1_0.5": lambda: keras.applications.MobileNet(input_shape=(128, 128, 3), alpha=0.5, weights=None,
                                                    classifier_activation=None),
+    "v1_1.0": lambda: keras.applications.MobileNet(input_shape=(128, 128, 3), alpha=1.0, weights=None,
+                                                   classifier_activation=None),
     "v2_0.35": lambda: keras.applications.MobileNetV2(input_shape=(96, 96, 3), alpha=0.35, weights=None,
                                                       classifier_activation=None),
     "v3small_0.75": lambda: keras.applications.MobileNetV3Small(input_shape=(96, 96, 3), alpha=0.75, weights=None,
@@ -260,7 +261,8 @@ FAMILIES = {
                                                                 classifier_activation=None,
                                                                 include_preprocessing=True),
 }
-SLOW = {("v1_0.5", True), ("v1_0.5", False), ("v2_0.35", False), ("v3large_0.75", False)}
+# the default run keeps one folded and one unfolded check per family; the rest is for `-m slow`
+SLOW = {("v1_0.5", False), ("v1_1.0", True), ("v1_1.0", False), ("v2_0.35", False), ("v3large_0.75", False)}
 
 
 @pytest.mark.parametrize("family,fold", [
@@ -285,3 +287,14 @@ def test_keras_mobilenet_float_tflite_matches_keras(family, fold, tmp_path):
     path = tmp_path / f"{family}.tflite"
     res.to_tflite(path)
     _close(_litert(path, x), ref, tol=1e-4)
+
+
+def test_adapted_normalization_reads_its_weights():
+    norm = L.Normalization(name="norm")
+    data = np.random.default_rng(13).normal(3.0, 2.0, (32, 8, 8, 3)).astype(np.float32)
+    norm.adapt(data)
+    x_in = keras.Input((8, 8, 3))
+    m = keras.Model(x_in, L.Conv2D(2, 1, name="c")(norm(x_in)))
+    g = qfrewrite.load(m)
+    assert g.node("norm").op is Op.NORMALIZE and len(g.node("norm").attrs.scale) == 3
+    _close(run_graph(g, data[:4])[0], m(data[:4]).numpy())
