@@ -26,8 +26,9 @@ SUPPORTED_SOURCES = (
 
 
 def _is_keras_object(obj) -> bool:
-    mod = type(obj).__module__
-    return any(mod.startswith(p) for p in ("keras", "tf_keras", "tensorflow")) and hasattr(obj, "layers")
+    """A Keras model, including a user's own subclass of ``keras.Model`` (any class in its MRO from Keras)."""
+    mods = [getattr(c, "__module__", "") or "" for c in type(obj).__mro__]
+    return hasattr(obj, "layers") and any(m.split(".")[0] in ("keras", "tf_keras", "tensorflow") for m in mods)
 
 
 def load(source, inputs: Optional[Sequence[str]] = None, outputs: Optional[Sequence[str]] = None,

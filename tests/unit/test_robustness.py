@@ -145,3 +145,15 @@ def test_input_file_is_never_modified(tmp_path):
 def test_every_error_is_a_qfrewrite_error():
     for cls in (ModelLoadError, UnsupportedOpError, DataError, EmitError):
         assert issubclass(cls, QfrewriteError)
+
+
+def test_functional_subclass_of_keras_model_is_recognised():
+    import keras
+
+    class MyModel(keras.Model):
+        pass
+
+    inp = keras.Input((8, 8, 3))
+    out = keras.layers.Conv2D(4, 3, name="c")(inp)
+    g = qfrewrite.load(MyModel(inp, out))
+    assert [n.op.value for n in g] == ["Conv2D"]
