@@ -16,8 +16,6 @@ from __future__ import annotations
 
 from typing import Dict, Sequence
 
-import numpy as np
-
 from qfrewrite.ir import BatchNormAttrs, ClipAttrs, ConvAttrs, GlobalMeanAttrs, Graph, Op
 
 WIDTH = 16

@@ -9,7 +9,7 @@ from qfrewrite.ir import ConvAttrs, Graph, Op
 from qfrewrite.numerics.quantize import fake_quant_np, kernel_channels_last, symmetric_weight_attrs
 from qfrewrite.pass_infra import Context, Pass, PassManager, PassResult
 from qfrewrite.passes import FoldBatchNorm
-from tests.graphs import add_bn, tiny_mobilenet
+from tests.graphs import tiny_mobilenet
 from tests.planted import expected, planted_mobilenet
 
 

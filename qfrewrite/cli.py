@@ -1,0 +1,141 @@
+"""The ``qfrewrite`` command line (also ``python -m qfrewrite``): a click group, one sub-command per job.
+
+    qfrewrite diagnose MODEL [--data DIR] [--preprocess P] [--limit N] [--json F] [--plot F.png] [--top N]
+
+Adding a command: decorate a function with ``@main.command()``, add :func:`data_options` for the shared calibration
+data options, and :func:`reports_errors` so a :class:`~qfrewrite.errors.QfrewriteError` (an unreadable model, bad
+data) ends with a one-line message and exit status 1, never a traceback (``-vv`` logs it). Heavy modules (TensorFlow,
+matplotlib, rich) are imported inside the commands, so ``--help`` and start-up stay fast.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from typing import Optional
+
+import click
+
+__all__ = ["main", "data_options", "reports_errors", "parse_preprocess", "console"]
+
+log = logging.getLogger("qfrewrite.cli")
+
+
+def parse_preprocess(value: Optional[str]):
+    """``--preprocess``: a preset name (``inception``, ``torch``, ``tf-slim``, ``efficientnet-lite``, ``raw``) or a
+    custom ``MEAN/STD`` in 0..255 units, each one number or three comma-separated (``123.7,116.3,103.5/58.4,57.1,57.4``).
+    """
+    if value is None:
+        return None
+    if "/" not in value:
+        return value
+    mean_s, _, std_s = value.partition("/")
+    try:
+        mean = tuple(float(x) for x in mean_s.split(","))
+        std = tuple(float(x) for x in std_s.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected a preset name or MEAN/STD numbers such as 127.5/127.5 "
+                                 f"or 123.7,116.3,103.5/58.4,57.1,57.4") from None
+    return mean, std
+
+
+def data_options(f):
+    """The calibration data options shared by the commands: ``--data``, ``--preprocess``, ``--limit``,
+    ``--batch-size``."""
+    f = click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1),
+                     help="Images per batch through the model.")(f)
+    f = click.option("--limit", type=click.IntRange(1), default=None,
+                     help="Use at most this many images of --data (the first in sorted order).")(f)
+    f = click.option("--preprocess", "preprocess", default=None, metavar="P",
+                     help="Image preprocessing: inception, torch, tf-slim, efficientnet-lite, raw, or MEAN/STD in "
+                          "0..255 units (e.g. 127.5/127.5). Default: the model's own, when it declares one.")(f)
+    f = click.option("--data", "data", type=click.Path(exists=True, file_okay=False), default=None,
+                     metavar="DIR", help="Image folder for calibration (JPEG/PNG, flat or one folder per class).")(f)
+    return f
+
+
+def reports_errors(f):
+    """Turn qfrewrite's errors (and any other failure) into a one-line message and exit status 1."""
+    from .errors import QfrewriteError
+
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        try:
+            return f(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except QfrewriteError as exc:
+            log.debug("%s failed", f.__name__, exc_info=True)
+            raise click.ClickException(" ".join(str(exc).split())) from None
+        except Exception as exc:  # a failure we did not foresee: still one line, the traceback at -vv
+            log.debug("%s failed", f.__name__, exc_info=True)
+            msg = " ".join(str(exc).split()) or "no message"
+            raise click.ClickException(f"{type(exc).__name__}: {msg} (run with -vv for the traceback)") from None
+
+    return wrapper
+
+
+def console():
+    """A rich console on stdout, 160 columns when stdout is not a terminal (files, pipes)."""
+    from rich.console import Console
+
+    c = Console(highlight=False)
+    if not c.is_terminal:
+        c = Console(highlight=False, width=160)
+    return c
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logger = logging.getLogger("qfrewrite")
+    logger.setLevel(level)
+    if not any(getattr(h, "_qfrewrite_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("qfrewrite: %(levelname)s: %(message)s"))
+        handler._qfrewrite_cli = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-v", "--verbose", count=True, help="-v: progress messages; -vv: debug messages and tracebacks.")
+@click.version_option(package_name="qfrewrite", prog_name="qfrewrite")
+def main(verbose: int) -> None:
+    """Graph-rewriting passes that make pretrained MobileNet-family models survive 8-bit quantization."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("model", type=str)
+@data_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="F",
+              help="Write the diagnosis as JSON (one entry per layer, named as in the source model).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="F.png",
+              help="Draw the per-channel weight ranges of the worst layers to a PNG.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(1),
+              help="How many of the ranked layers to print (and plot: at most 8).")
+@click.option("--bits", default=8, show_default=True, type=click.IntRange(2, 16), help="Weight bit width.")
+@reports_errors
+def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_path, top, bits) -> None:
+    """Rank the layers of MODEL by how badly per-tensor 8-bit weights would hurt them, name their outlier and dead
+    channels (with the BatchNorm scales behind them) and suggest the passes that fix them.
+
+    MODEL: a Keras .keras/.h5 file, an ONNX file, a TF frozen GraphDef .pb or a SavedModel folder. With --data the
+    per-channel activation ranges are measured too.
+    """
+    from .diagnose import diagnose as run_diagnose
+
+    result = run_diagnose(model, data, preprocess=parse_preprocess(preprocess), limit=limit, batch_size=batch_size,
+                          bits=bits)
+    out = console()
+    for r in result.renderables(top):
+        out.print(r)
+    if json_path:
+        result.to_json(json_path)
+        click.echo(f"wrote {json_path}", err=True)
+    if plot_path:
+        result.plot(plot_path, top=min(top, 8))
+        click.echo(f"wrote {plot_path}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
