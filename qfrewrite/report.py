@@ -6,8 +6,8 @@ before and after it (a :class:`~qfrewrite.analysis.channel_stats.GraphChannelSta
 "as quantized" view with BatchNorm folded; a custom hook's dict is kept as it is).
 
 * ``str(report)`` / ``rich.print(report)``: a table of the passes (drift, worst depthwise spread, zero and outlier
-  channels, the worst layer's per-tensor weight SQNR, before -> after) and a table of the layers that per-tensor
-  8-bit weights hurt most, first state -> last state.
+  channels, the worst layer's per-tensor weight SQNR, before -> after), each pass's own scalar statistics, and a
+  table of the layers that per-tensor 8-bit weights hurt most, first state -> last state.
 * :meth:`Report.to_json`: ``{"source", "passes": [...], "layers_first", "layers_last"}``; each pass carries the
   per-layer summaries (scalars and channel indices) before and after, keyed by node name; the per-channel arrays
   (weight min/max, BN scale, activation min/max) are written once for the first and the last graph state.
@@ -132,28 +132,35 @@ class Report:
         with_stats = all(_is_channel_stats(p.stats_before) for p in self.passes) and self.passes
         t = Table(title=f"passes{' on ' + str(self.source) if self.source else ''}", title_justify="left",
                   box=box.SIMPLE_HEAD)
-        for col, just in (("#", "right"), ("pass", "left"), ("exact", "left"), ("modified", "left"),
-                          ("drift dB", "right"), ("top-1 agree", "right"), ("s", "right")):
-            t.add_column(col, justify=just, no_wrap=col == "pass")
+        for col, just in (("#", "right"), ("pass", "left"), ("change", "left"), ("drift dB", "right"),
+                          ("top-1", "right"), ("s", "right")):
+            t.add_column(col, justify=just, no_wrap=True)
         if with_stats:
-            for col in ("max dw spread", "zero ch", "outlier ch", "worst per-tensor SQNR dB"):
-                t.add_column(col, justify="right")
-        t.add_column("stats", overflow="fold")
+            for col in ("dw spread", "zero", "outl", "min dB/T"):
+                t.add_column(col, justify="right", no_wrap=True)
         for i, p in enumerate(self.passes):
             drift = p.drift or {}
-            row = [str(i + 1), p.name, "yes" if p.exact else "no", "yes" if p.modified else "no",
-                   _fmt(drift.get("sqnr_db"), ".1f"), _fmt(drift.get("top1_agreement"), ".3f"),
-                   f"{p.seconds:.2f}"]
+            change = "none" if not p.modified else "exact" if p.exact else "approx"
+            row = [str(i + 1), p.name, change, _fmt(drift.get("sqnr_db"), ".1f"),
+                   _fmt(drift.get("top1_agreement"), ".3f"), f"{p.seconds:.1f}"]
             if with_stats:
                 a, b = p.stats_before.totals(), p.stats_after.totals()
                 row += [_arrow(a["max_depthwise_spread"], b["max_depthwise_spread"]),
                         _arrow(a["zero_channels"], b["zero_channels"], "d"),
                         _arrow(a["outlier_channels"], b["outlier_channels"], "d"),
                         _arrow(a["min_sqnr_per_tensor_db"], b["min_sqnr_per_tensor_db"], ".1f")]
-            row.append(", ".join(f"{k}={_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in p.stats.items()
-                                 if not isinstance(v, (list, dict))))
             t.add_row(*row)
         return t
+
+    def _pass_stats(self) -> str:
+        """One line per pass with its own scalar statistics (lists and dicts are in the JSON)."""
+        lines = []
+        for i, p in enumerate(self.passes):
+            items = [f"{k}={_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in p.stats.items()
+                     if not isinstance(v, (list, dict, tuple))]
+            if items:
+                lines.append(f"  {i + 1} {p.name}: {', '.join(items)}")
+        return "pass statistics:\n" + "\n".join(lines) if lines else ""
 
     def _layer_table(self, top: int = 10):
         from rich import box
@@ -164,12 +171,12 @@ class Report:
             return None
         from .analysis.plot import worst_pairs
 
-        t = Table(title=f"layers most hurt by per-tensor 8-bit weights (first -> last state, top {top})",
+        t = Table(title=f"layers most hurt by per-tensor 8-bit weights, first -> last state (top {top}; dB/T, dB/C: "
+                        f"weight SQNR of the median channel per tensor / per channel)",
                   title_justify="left", box=box.SIMPLE_HEAD)
         for col, just in (("layer", "left"), ("op", "left"), ("ch", "right"), ("spread", "right"),
-                          ("outliers", "right"), ("zero", "right"), ("per-tensor SQNR dB", "right"),
-                          ("per-channel SQNR dB", "right")):
-            t.add_column(col, justify=just)
+                          ("outl", "right"), ("zero", "right"), ("dB/T", "right"), ("dB/C", "right")):
+            t.add_column(col, justify=just, no_wrap=col != "layer", overflow="fold")
         for a, b in worst_pairs(first, last, top):
             if b is None:
                 t.add_row(a.source_name, a.op, str(a.channels), _fmt(a.spread), str(len(a.outlier_channels)),
@@ -188,6 +195,17 @@ class Report:
             yield "(no pass ran)"
             return
         yield self._pass_table()
+        if all(_is_channel_stats(p.stats_before) for p in self.passes):
+            from rich.text import Text
+
+            yield Text("change: none, exact (the float function is kept) or approx; drift: SQNR of the outputs "
+                       "against those before the pass, top-1: agreement (approximate passes); dw spread: the largest depthwise spread; zero, outl: all-zero and outlier channels; "
+                       "min dB/T: the worst layer's per-tensor weight SQNR (median channel); before -> after")
+        stats = self._pass_stats()
+        if stats:
+            from rich.text import Text
+
+            yield Text(stats)
         layers = self._layer_table()
         if layers is not None:
             yield layers

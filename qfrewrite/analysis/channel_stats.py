@@ -73,7 +73,8 @@ def weight_channel_ranges(node: Node) -> np.ndarray:
 
 
 def _to_list(a: Optional[np.ndarray]) -> Optional[List[float]]:
-    return None if a is None else [float(x) for x in np.asarray(a, np.float64)]
+    """Per-channel values for JSON, at float32 resolution (7 significant digits)."""
+    return None if a is None else [float(f"{x:.7g}") for x in np.asarray(a, np.float64)]
 
 
 @dataclass

@@ -3,6 +3,7 @@
 One panel per layer: the range ``max - min`` of every output channel on a log scale, "before" in grey and "after" in
 blue when both are given, the median live range as a dashed line, outlier channels circled in red and all-zero
 channels marked at the bottom edge (a zero range has no place on a log axis), near-zero channels crossed in orange.
+Ranges more than five decades below the median are drawn at the bottom edge too.
 """
 from __future__ import annotations
 
@@ -24,16 +25,19 @@ log = logging.getLogger(__name__)
 Panel = Tuple[Optional[LayerStats], Optional[LayerStats]]
 
 
-def _floor(panels: Sequence[Panel]) -> float:
-    pos = [ls.ranges[ls.ranges > 0].min() for pair in panels for ls in pair
-           if ls is not None and np.any(ls.ranges > 0)]
-    return float(min(pos)) / 4 if pos else 1e-8
+def _floor(pair: Panel) -> float:
+    """Where zero (and very small) ranges are drawn: a third of the smallest positive range, but never more than
+    five decades below the median, so one 1e-13 channel does not squash the panel."""
+    pos = np.concatenate([ls.ranges[ls.ranges > 0] for ls in pair if ls is not None] or [np.zeros(0)])
+    if not pos.size:
+        return 1e-8
+    return max(float(pos.min()), float(np.median(pos)) * 1e-5) / 3
 
 
 def _draw(ax, ls: LayerStats, color: str, label: str, floor: float, marker_size: float) -> None:
     r = ls.ranges
     x = np.arange(len(r))
-    shown = np.where(r > 0, r, floor)
+    shown = np.maximum(r, floor)
     prefix = f"{label}: " if label else ""
 
     def plural(n: int, what: str) -> str:
@@ -71,7 +75,6 @@ def plot_channel_ranges(path: Union[str, os.PathLike], panels: Sequence[Panel], 
     FigureCanvasAgg(fig)
     if title:
         fig.suptitle(title, fontsize=11)
-    floor = _floor(panels)
     if not panels:
         ax = fig.add_subplot(1, 1, 1)
         ax.text(0.5, 0.5, "no Conv2D / DepthwiseConv2D / Dense layer", ha="center", va="center")
@@ -79,6 +82,7 @@ def plot_channel_ranges(path: Union[str, os.PathLike], panels: Sequence[Panel], 
     for i, (before, after) in enumerate(panels):
         ax = fig.add_subplot(rows, cols, i + 1)
         ref = before if before is not None else after
+        floor = _floor((before, after))
         size = 5.0 if ref.channels <= 128 else 2.5
         if before is not None:
             _draw(ax, before, "0.55" if after is not None else "tab:blue", labels[0] if after is not None else "",

@@ -38,7 +38,7 @@ def test_report_holds_statistics_before_and_after_each_pass(result):
 def test_text_table(result):
     text = str(result.report)
     assert "\x1b[" not in text  # plain text, no colour codes
-    for word in ("FoldBatchNorm", "CrossLayerEqualization", "max dw spread", "dw1", "dw2", "->"):
+    for word in ("FoldBatchNorm", "CrossLayerEqualization", "dw spread", "dw1", "dw2", "->"):
         assert word in text
     first = result.report.first_stats.totals()["max_depthwise_spread"]
     last = result.report.last_stats.totals()["max_depthwise_spread"]
@@ -55,7 +55,7 @@ def test_json(result):
     assert first["name"] == "dw1" and first["outlier_channels"] == [3, 11]
     assert len(first["per_channel"]["w_min"]) == 16 and len(last["per_channel"]["bn_scale"]) == 16
     np.testing.assert_allclose(np.subtract(first["per_channel"]["w_max"], first["per_channel"]["w_min"]).max(),
-                               first["max_range"], rtol=1e-12)
+                               first["max_range"], rtol=1e-6)  # float32 resolution in the JSON
 
 
 def test_plot_writes_a_png_atomically(result, tmp_path):
@@ -70,7 +70,7 @@ def test_report_with_a_custom_hook_or_no_statistics(rng):
     PassManager([FoldBatchNorm()], stats=graph_stats_summary).run(tiny_mobilenet(rng), ctx)
     d = json.loads(ctx.report.to_json())
     assert "layers_first" not in d and d["passes"][0]["stats_after"]
-    assert "FoldBatchNorm" in str(ctx.report) and "max dw spread" not in str(ctx.report)
+    assert "FoldBatchNorm" in str(ctx.report) and "dw spread" not in str(ctx.report)
     with pytest.raises(QfrewriteError, match="statistics"):
         ctx.report.plot("never-written.png")
     ctx2 = Context()
