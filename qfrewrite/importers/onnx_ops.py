@@ -13,6 +13,7 @@ Cases handled and their maths:
 * Clip: bounds from attributes (opset < 11) or inputs (opset >= 11), either may be missing; ``Clip(0, inf)`` is ReLU.
 * HardSigmoid ``clip(alpha*x + beta, 0, 1)``: alpha = 1/6, beta = 1/2 (PyTorch) -> HardSigmoid; other values ->
   Mul, Add, Clip(0, 1).
+* Min with a scalar constant -> Clip; with a per-channel constant or a tensor -> Minimum.
 * Sub/Div by a constant -> Add/Mul with ``-c`` / ``1/c``; ``c - x`` -> ``Add(Mul(x, -1), c)``; ``a - b`` of two
   tensors -> ``Add(a, Mul(b, -1))``. Division by a tensor is refused.
 * AveragePool: ``count_include_pad`` = 1 -> zero Pad + VALID pool; = 0 with TensorFlow's SAME pads -> ``"SAME"``
@@ -172,7 +173,8 @@ class Builder:
         """Reshape ``x`` to the ONNX shape ``out_shape`` (batch first, kept).
 
         A plain IR reshape where both sides keep their ONNX element order (see
-        :func:`~.onnx_layout.same_memory_order`); an NCHW tensor flattened to ``(N, C*H*W)`` becomes an IR Flatten
+        :func:`~.onnx_layout.same_memory_order`); a rank-4 result read only by Transposes to NCHW is NHWC data (kept
+        as is, the Transposes become free views); an NCHW tensor flattened to ``(N, C*H*W)`` becomes an IR Flatten
         marked FLAT_CHW. Any other reshape of an NCHW tensor mixes channels and positions and is refused.
         """
         in_shape = onnx_shape(x)
@@ -183,7 +185,10 @@ class Builder:
         rest = out_shape[1:]
         if any(d is None for d in rest):
             raise self.unsupported(node, f"reshape to {out_shape} leaves non-batch dimensions open")
-        if len(out_shape) == 4:
+        readers = node.outputs[0].outputs
+        nhwc_out = bool(readers) and all(r.op == "Transpose" and tuple(r.attrs.get("perm", ())) == NHWC_TO_NCHW
+                                         for r in readers)
+        if len(out_shape) == 4 and not nhwc_out:
             layout, target = NCHW, (rest[1], rest[2], rest[0])
             out_ok = rest[0] == 1 or rest[1] * rest[2] == 1
         else:
@@ -452,6 +457,30 @@ def _binary(b: Builder, node) -> None:
         yv = b.add(Op.MUL, [yv, b.const_value(np.float32(-1.0), name + "/minus_one")], node=node,
                    suffix="/negate").output
     n = b.add(Op.MUL if kind == "Mul" else Op.ADD, [x.value, yv], node=node)
+    b.put(node, Held(n.output, x.layout, x.perm))
+
+
+@converts("Min")
+def _min(b: Builder, node) -> None:
+    """``Min(x, c)``: a scalar ``c`` is ``Clip(hi=c)``; a per-channel ``c`` (an exact per-channel clip) Minimum."""
+    if len(node.inputs) != 2:
+        raise b.unsupported(node, f"{len(node.inputs)} operands; two are supported")
+    consts = [b.is_const(node, i) for i in (0, 1)]
+    if all(consts):
+        raise b.unsupported(node, "both operands are constants but were not folded")
+    if any(consts):
+        ci = consts.index(True)
+        x = b.act(node, 1 - ci)
+        c = np.asarray(b.const(node, ci, "constant operand"), np.float32)
+        if c.size == 1:
+            b.put(node, _clip(b, node, x, None, float(c.reshape(-1)[0])))
+            return
+        other = b.operand(node, ci, x, (node.name or "min") + "/const")
+    else:
+        x, y = b.act(node, 0), b.act(node, 1)
+        _check_pair(b, node, x, y)
+        other = y.value
+    n = b.add(Op.MINIMUM, [x.value, other], node=node)
     b.put(node, Held(n.output, x.layout, x.perm))
 
 

@@ -375,6 +375,13 @@ def test_binary_of_two_tensors(tmp_path, x, op):
     check(model(tmp_path, nodes), x)
 
 
+@pytest.mark.parametrize("shape,expect", [((), Op.CLIP), ((3, 1, 1), Op.MINIMUM)])
+def test_min_with_a_constant(tmp_path, rng, x, shape, expect):
+    c = rng.uniform(0.0, 1.0, size=shape).astype(np.float32)
+    g = check(model(tmp_path, [helper.make_node("Min", ["x", "c"], ["y"])], [_init("c", c)]), x)
+    assert [n.op for n in g] == [expect]
+
+
 def test_division_by_a_tensor_is_unsupported(tmp_path, x):
     nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Div", ["x", "s"], ["y"])]
     with pytest.raises(UnsupportedOpError, match="division"):
