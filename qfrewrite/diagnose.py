@@ -141,6 +141,7 @@ class Diagnosis:
             "rules": {"outlier": "modified z-score of log range > 3.5 and range >= "
                                  f"{MIN_OUTLIER_RATIO:g}x the median live range",
                       "near_zero": f"0 < range < median / {2 ** self.bits - 1}",
+                      "caused_by_bn": "|bn_scale| / median |bn_scale| >= sqrt(range / median range)",
                       "hurt": f"per-tensor loss >= {HURT_DB:.2f} dB on the median channel"},
             "totals": self.stats.totals(), "layers": layers, "suggestions": self.suggestions(),
         })

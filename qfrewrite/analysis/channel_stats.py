@@ -17,7 +17,9 @@ and outlier channels, and the 8-bit SQNR of the weights quantized per tensor and
 **BN scale** ``s_c = gamma_c / sqrt(var_c + eps)``: from the ``BatchNorm`` that reads the layer, or from
 ``node.meta["bn_scale"]`` where :class:`FoldBatchNorm` folded one (the source BatchNorm's scale; later rescaling such
 as equalization does not update it). A folded channel's range is ``|s_c|`` times its raw range, so a large ``|s_c|``
-(a near-zero variance) makes an outlier out of an ordinary kernel.
+(a near-zero variance) makes an outlier out of an ordinary kernel. An outlier channel counts as *caused by the BN
+scale* when the scale accounts for at least half of its excess on the log scale:
+``|s_c| / median|s| >= sqrt(range_c / median range)``.
 
 **Dead inputs.** A depthwise channel ``c * M + m`` reads input channel ``c`` only; when that input comes (through
 ``Pad``, ``Relu``, ``Clip``, ``BatchNorm`` or a constant ``Minimum``) from a layer whose channel ``c`` is zero or
