@@ -1,6 +1,10 @@
 """The ``qfrewrite`` command line (also ``python -m qfrewrite``): a click group, one sub-command per job.
 
     qfrewrite diagnose MODEL [--data DIR] [--preprocess P] [--limit N] [--json F] [--plot F.png] [--top N]
+    qfrewrite convert MODEL -o OUT.tflite --data DIR [--recipe plain|dfq|qualcomm] [--weights per-tensor|per-channel]
+                      [--preprocess P] [--onnx OUT.onnx]
+    qfrewrite eval MODEL --data DIR [--reference FLOAT_MODEL]
+    qfrewrite demo
 
 Adding a command: decorate a function with ``@main.command()``, add :func:`data_options` for the shared calibration
 data options, and :func:`reports_errors` so a :class:`~qfrewrite.errors.QfrewriteError` (an unreadable model, bad
@@ -135,6 +139,102 @@ def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_pa
     if plot_path:
         result.plot(plot_path, top=min(top, 8))
         click.echo(f"wrote {plot_path}", err=True)
+
+
+@main.command()
+@click.argument("model", type=str)
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), metavar="OUT.tflite",
+              help="The fully int8 TFLite file to write (the report JSON goes beside it as OUT.json).")
+@click.option("--data", "data", required=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Calibration images (JPEG/PNG), a flat folder or one sub-folder per class; labels.tsv optional.")
+@click.option("--recipe", type=click.Choice(["plain", "dfq", "qualcomm"]), default="dfq", show_default=True,
+              help="plain: fold BN and quantize; dfq: data-free-quantization passes (best without retraining); "
+                   "qualcomm: the Qualcomm depthwise block (for fine-tuning, destroys accuracy without it).")
+@click.option("--weights", type=click.Choice(["per-channel", "per-tensor"]), default="per-channel",
+              show_default=True, help="Weight quantization granularity.")
+@click.option("--activations", type=click.Choice(["mse", "minmax", "percentile", "kl"]), default=None,
+              help="Activation range selection (default: the recipe's).")
+@click.option("--preprocess", default=None, metavar="P",
+              help="Image preprocessing: inception, torch, tf-slim, efficientnet-lite, raw, or MEAN/STD in 0..255 "
+                   "units. Default: the model's own, when it declares one.")
+@click.option("--onnx", "onnx_path", type=click.Path(dir_okay=False), default=None, metavar="OUT.onnx",
+              help="Also write the quantized graph as ONNX (QDQ).")
+@click.option("--holdout", type=click.IntRange(0), default=None,
+              help="Images held back from calibration to check float vs int8 agreement (default: 10%, at most 100).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use at most this many images of --data.")
+@click.option("--io", "io_dtype", type=click.Choice(["float32", "int8", "uint8"]), default="float32",
+              show_default=True, help="Input and output type of the int8 model.")
+@click.option("--output-node", "outputs", multiple=True, metavar="NAME",
+              help="Output node/tensor/layer to convert up to (repeatable), e.g. MobilenetV1/Logits/SpatialSqueeze.")
+@click.option("--input-shape", default=None, metavar="D,D,D,D",
+              help="Fix open input dimensions, in the source model's own layout (e.g. 1,3,48,320 for NCHW).")
+@reports_errors
+def convert(model, output, data, recipe, weights, activations, preprocess, onnx_path, holdout, limit, io_dtype,
+            outputs, input_shape) -> None:
+    """Convert MODEL to a fully int8 TFLite file, calibrated on --data, and check it against the float model.
+
+    Prints a summary (op counts, size, float vs int8 agreement on held-back images) and writes OUT.json beside
+    OUT.tflite with the pass report.
+    """
+    from .convert import convert as run_convert
+
+    shape = None
+    if input_shape:
+        try:
+            shape = tuple(None if d.strip() in ("", "?", "None") else int(d) for d in input_shape.split(","))
+        except ValueError:
+            raise click.BadParameter(f"{input_shape!r}: expected comma-separated integers", param_hint="--input-shape")
+    summary = run_convert(model, output, data, recipe=recipe, weights=weights.replace("-", "_"),
+                          activations=activations, preprocess=parse_preprocess(preprocess), onnx_output=onnx_path,
+                          holdout=holdout, limit=limit, io_dtype=io_dtype, outputs=list(outputs) or None,
+                          input_shape=shape)
+    click.echo(str(summary))
+
+
+@main.command(name="eval")
+@click.argument("model", type=str)
+@click.option("--data", "data", required=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Labelled images: a folder with labels.tsv (file<TAB>class_index).")
+@click.option("--preprocess", default=None, metavar="P",
+              help="inception, torch, tf-slim, efficientnet-lite, raw, or MEAN/STD (0..255 units).")
+@click.option("--reference", default=None, metavar="MODEL",
+              help="A float model to compare with (SQNR and top-1 agreement).")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use at most this many images.")
+@click.option("--label-offset", type=int, default=None,
+              help="Subtracted from the arg-max (default: 1 for 1001-class outputs, else 0).")
+@click.option("--output-node", "outputs", multiple=True, metavar="NAME", help="Output node of a source model.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the scores as JSON.")
+@reports_errors
+def eval_(model, data, preprocess, reference, limit, label_offset, outputs, json_path) -> None:
+    """Score MODEL (a .tflite file or any source model) on a labelled image folder: top-1/top-5, and with
+    --reference the SQNR and top-1 agreement."""
+    import json
+
+    from . import load
+    from .evaluate import evaluate
+    from .io_utils import atomic_write_bytes
+
+    def source(m):
+        return m if m.lower().endswith(".tflite") else load(m, outputs=list(outputs) or None)
+
+    res = evaluate(source(model), data, reference=source(reference) if reference else None,
+                   preprocess=parse_preprocess(preprocess), limit=limit, label_offset=label_offset)
+    click.echo(f"{model}: {res}")
+    if json_path:
+        atomic_write_bytes(json_path, json.dumps(res.to_dict(), indent=2).encode())
+
+
+@main.command()
+@click.option("--out-dir", default="qfrewrite-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Where the demo writes its models and report.")
+@click.option("--photo", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="The photo whose top-5 classes are shown (default: the bundled grace_hopper.jpg).")
+@reports_errors
+def demo(out_dir, photo) -> None:
+    """Convert the bundled MobileNet V1 0.25 to int8: diagnosis, conversion summary, top-5 float vs int8."""
+    from .demo.run import run_demo
+
+    run_demo(out_dir, photo=photo, echo=console().print)
 
 
 if __name__ == "__main__":  # pragma: no cover
