@@ -21,9 +21,9 @@ stays ``>= a_i / max_j a_j`` where ``a_i`` is the channel's largest magnitude on
 data, the chain's clip ``hi`` where it has one), so no channel leaves the tensor's current range.
 
 Never scaled: dead and constant channels (static analysis, weights below ``zero_tol`` of the layer's largest),
-channels whose range is below ``min_range`` times their layer's median, and no scale leaves
-``[1/max_scale, max_scale]``. Left alone: pairs joined through a node with several readers (a residual ``Add``
-between them, a graph output) or through any other op; they are listed in ``stats["unpaired"]``.
+channels whose range is below ``min_range`` times their layer's median; no channel's cumulative scale over all
+sweeps leaves ``[1/max_scale, max_scale]``. Left alone: pairs joined through a node with several readers (a
+residual ``Add`` between them, a graph output) or through any other op; they are listed in ``stats["unpaired"]``.
 """
 from __future__ import annotations
 
@@ -122,8 +122,10 @@ class CrossLayerEqualization(Pass):
                 k1, k2 = kernels[p.first.name], kernels[p.second.name]
                 s = equalization_scales(out_absmax(k1, kind_of(p.first)), in_absmax(k2, kind_of(p.second)),
                                         self.min_range, self.max_scale, np.flatnonzero(p.frozen))
+                prev = 1.0 if p.scale is None else p.scale
+                s = np.clip(s, 1.0 / (self.max_scale * prev), self.max_scale / prev)
                 if p.floor is not None:
-                    s = np.maximum(s, p.floor / (1.0 if p.scale is None else p.scale))
+                    s = np.maximum(s, p.floor / prev)
                 moved = max(moved, float(np.max(np.abs(np.log(s)))))
                 k1n, b1n = scale_out(k1, biases[p.first.name], s, kind_of(p.first))
                 kernels[p.first.name] = k1n.astype(np.float64)
