@@ -93,6 +93,8 @@ def _setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logger = logging.getLogger("qfrewrite")
     logger.setLevel(level)
+    # TensorFlow's own Python warnings (tf.function retracing notes) are noise for a command-line user
+    logging.getLogger("tensorflow").setLevel(logging.ERROR if verbose < 2 else logging.DEBUG)
     if not any(getattr(h, "_qfrewrite_cli", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("qfrewrite: %(levelname)s: %(message)s"))
