@@ -12,12 +12,6 @@ closed form ``(W_q - W) E[x]`` misses them).
 ``"per_channel"``, ``bits``, ``method``) with the same function InsertFakeQuant uses. Run it after every pass that
 changes weights and before InsertFakeQuant, with the same options.
 
-``mode="empirical"`` also corrects the error that quantized layers upstream pass on (AIMET's empirical bias
-correction, for weights): the graph with every kernel fake-quantized is run on the data and each layer's bias is
-shifted by ``E[y_q] - E[y]`` of its own output (before its activation), the float graph giving ``E[y]``. All layers
-are corrected together, ``rounds`` times: after round ``r`` every layer within ``r`` layers of the input matches its
-float mean exactly, and the deeper ones approximately.
-
 Not exact (the float function changes by design); the pass manager reports the drift. Left alone: layers whose
 kernel quantizes without error.
 """
@@ -41,7 +35,6 @@ __all__ = ["CorrectBias", "weight_attrs", "quantized_kernel"]
 log = logging.getLogger(__name__)
 
 _GRANULARITY = ("per_tensor", "per_channel")
-_MODES = ("layer", "empirical")
 
 
 def weight_attrs(node: Node, weights: str, bits: int = 8, method: Optional[str] = None) -> FakeQuantAttrs:
@@ -86,13 +79,7 @@ class CorrectBias(Pass):
 
     exact = False
 
-    def __init__(self, weights: str = "per_tensor", bits: int = 8, method: Optional[str] = None, chunk: int = 8,
-                 mode: str = "layer", rounds: int = 3):
-        if mode not in _MODES:
-            raise QfrewriteError(f"CorrectBias mode must be one of {_MODES}, got {mode!r}")
-        if not 1 <= int(rounds) <= 20:
-            raise QfrewriteError(f"CorrectBias rounds must be in 1..20, got {rounds}")
-        self.mode, self.rounds = mode, int(rounds)
+    def __init__(self, weights: str = "per_tensor", bits: int = 8, method: Optional[str] = None, chunk: int = 8):
         if weights not in _GRANULARITY:
             raise QfrewriteError(f"CorrectBias weights must be one of {_GRANULARITY}, got {weights!r}")
         if not 2 <= int(bits) <= 16:
@@ -100,65 +87,12 @@ class CorrectBias(Pass):
         self.weights, self.bits, self.method, self.chunk = weights, int(bits), method, int(chunk)
 
     def __repr__(self) -> str:
-        return f"CorrectBias(weights={self.weights!r}, bits={self.bits}, mode={self.mode!r})"
+        return f"CorrectBias(weights={self.weights!r}, bits={self.bits})"
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
+        from qfrewrite.backend.executor import Executor
+
         ctx.require_data(self.name)
-        if self.mode == "empirical":
-            return self._run_empirical(graph, ctx)
-        return self._run_layer(graph, ctx)
-
-    def _run_empirical(self, graph: Graph, ctx: Context) -> PassResult:
-        from ._activations import channel_moments
-
-        layers = graph.find(*LAYER_OPS)
-        attrs = {n.name: weight_attrs(n, self.weights, self.bits, self.method) for n in layers}
-        if not any(np.any(quantized_kernel(n, attrs[n.name]) != n.weight.const) for n in layers):
-            return PassResult(graph, False, {"corrected": 0, "reason": "no kernel changes under quantization"})
-        names = [n.output.name for n in layers]
-        ref = channel_moments(graph, ctx, names)
-        work = graph.copy()
-        for n in work.find(*LAYER_OPS):
-            n.weight_quant = attrs[n.name]
-        total = {n.name: np.zeros(n.output.shape[-1]) for n in layers}
-        residual = []
-        for _ in range(self.rounds):
-            means = self._quantized_means(work, ctx, names)
-            err = {n.name: means[n.output.name] - ref[n.output.name].mean for n in layers}
-            residual.append(max(float(np.max(np.abs(e))) for e in err.values()))
-            for n in work.find(*LAYER_OPS):
-                total[n.name] += err[n.name]
-                base = n.bias.const.astype(np.float64) if n.bias is not None else 0.0
-                set_bias(work, n, base - err[n.name], "corrected")
-        for n in layers:
-            base = n.bias.const.astype(np.float64) if n.bias is not None else 0.0
-            set_bias(graph, n, base - total[n.name], "corrected")
-        graph.remove_unused()
-        shifts = {k: float(np.max(np.abs(v))) for k, v in total.items()}
-        worst = max(shifts, key=shifts.get)
-        return PassResult(graph, True, {"corrected": len(layers), "mode": "empirical", "weights": self.weights,
-                                        "bits": self.bits, "rounds": self.rounds, "residual_per_round": residual,
-                                        "largest_shift": {worst: shifts[worst]}, "max_abs_shift": shifts})
-
-    def _quantized_means(self, work: Graph, ctx: Context, names) -> Dict[str, np.ndarray]:
-        """Per-channel means of ``names`` with the kernels fake-quantized (no activation quantization)."""
-        from qfrewrite.backend.executor import Executor
-
-        ex = Executor(work, taps=list(names), quantize=True)
-        sums: Dict[str, np.ndarray] = {}
-        count: Dict[str, int] = {}
-        for batch in ctx.data.batches():
-            for s in range(0, len(batch), self.chunk):
-                _, taps = ex(batch[s:s + self.chunk])
-                for k, t in taps.items():
-                    flat = np.asarray(t, np.float64).reshape(-1, t.shape[-1])
-                    sums[k] = flat.sum(0) if k not in sums else sums[k] + flat.sum(0)
-                    count[k] = count.get(k, 0) + len(flat)
-        return {k: sums[k] / count[k] for k in sums}
-
-    def _run_layer(self, graph: Graph, ctx: Context) -> PassResult:
-        from qfrewrite.backend.executor import Executor
-
         layers = [n for n in graph.find(*LAYER_OPS)]
         jobs = {}
         for node in layers:
