@@ -180,7 +180,7 @@ def test_qdq_parameters_are_the_nudged_ranges(rng):
     g = tiny_mobilenet(rng, bias=True)
     FoldBatchNorm()(g)
     quantize_by_hand(g, rng.normal(size=(4, 16, 16, 3)).astype(np.float32))
-    m = emit_onnx(g)
+    m = emit_onnx(g, activation_dtype="int8")
     inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
     by_out = {n.output[0]: n for n in m.graph.node}
     for fq in g.find(Op.FAKE_QUANT):
