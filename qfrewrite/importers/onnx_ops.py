@@ -179,7 +179,7 @@ class Builder:
         """
         in_shape = onnx_shape(x)
         out_shape = tuple(out_shape)
-        if out_shape == in_shape and x.layout != FLAT_CHW:
+        if out_shape == in_shape:
             self.alias(node, x)
             return
         rest = out_shape[1:]

@@ -138,9 +138,20 @@ def test_gemm_after_global_pool(tmp_path, rng, x, trans_b, alpha, beta, c_shape)
 
 
 def test_gemm_after_flatten_of_a_spatial_map_permutes_rows(tmp_path, rng, x):
-    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Gemm", ["f", "w", "c"], ["y"], transB=1)]
-    inits = [_init("w", rng.normal(size=(7, 3 * 8 * 8)).astype(np.float32)), _init("c", np.zeros(7, np.float32))]
+    """ONNX flattens C, H, W; the IR flattens H, W, C: per-feature constants and kernel rows follow."""
+    nodes = [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("Add", ["f", "shift"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]), helper.make_node("Gemm", ["r", "w", "c"], ["y"], transB=1)]
+    inits = [_init("w", rng.normal(size=(7, 3 * 8 * 8)).astype(np.float32)), _init("c", np.zeros(7, np.float32)),
+             _init("shift", rng.normal(size=3 * 8 * 8).astype(np.float32))]
     check(model(tmp_path, nodes, inits), x)
+
+
+def test_global_max_pool_cast_and_identity_transpose(tmp_path, x):
+    nodes = [helper.make_node("Cast", ["x"], ["c"], to=TensorProto.FLOAT),
+             helper.make_node("Transpose", ["c"], ["t"], perm=[0, 1, 2, 3]),
+             helper.make_node("GlobalMaxPool", ["t"], ["y"])]
+    g = check(model(tmp_path, nodes), x)
+    assert g.op_counts() == {"MaxPool": 1}
 
 
 def test_matmul_add_becomes_dense_with_bias(tmp_path, rng, x):
