@@ -30,13 +30,14 @@ def assert_close(out, ref, rtol=1e-5):
     np.testing.assert_allclose(out, ref, rtol=rtol, atol=rtol * max(np.abs(ref).max(), 1.0))
 
 
-@pytest.mark.parametrize("fold", [False, True])
-def test_float_tiny_mobilenet(rng, fold):
+@pytest.mark.parametrize("fold,opset", [(False, 13), (True, 13), (True, 18)])
+def test_float_tiny_mobilenet(rng, fold, opset):
     g = tiny_mobilenet(rng, bias=True)
     if fold:
         FoldBatchNorm()(g)
     x = rng.normal(size=(3, 16, 16, 3)).astype(np.float32)
-    m = emit_onnx(g)
+    m = emit_onnx(g, opset=opset)
+    assert m.opset_import[0].version == opset
     assert {n.op_type for n in m.graph.node} >= {"Conv", "Clip", "Gemm", "ReduceMean"}
     assert ("BatchNormalization" in {n.op_type for n in m.graph.node}) is not fold
     assert m.graph.input[0].type.tensor_type.shape.dim[1].dim_value == 3  # NCHW
@@ -74,11 +75,14 @@ def layout_graph(rng):
     return g
 
 
-def test_layout_sensitive_ops_match_the_executor(rng):
+@pytest.mark.parametrize("opset", [13, 14])  # HardSwish is an ONNX op from opset 14
+def test_layout_sensitive_ops_match_the_executor(rng, opset):
     g = layout_graph(rng)
     x = rng.normal(size=(2, 7, 7, 4)).astype(np.float32)
     refs = run_graph(g, x)
-    outs = ort_run(emit_onnx(g), x)
+    m = emit_onnx(g, opset=opset)
+    assert ("HardSwish" in {n.op_type for n in m.graph.node}) is (opset >= 14)
+    outs = ort_run(m, x)
     for out, ref in zip(outs, refs):
         assert_close(out, ref)
 
