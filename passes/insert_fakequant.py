@@ -113,7 +113,7 @@ class InsertFakeQuant(Pass):
     exact = False
 
     def __init__(self, weights: str = "per_channel", activations: str = "mse", bits: int = 8,
-                 weight_method: str = "minmax", percentile: float = 99.99, chunk: int = 8):
+                 weight_method: str = "minmax", percentile: float = 99.99):
         if weights not in GRANULARITIES:
             raise QfrewriteError(f"InsertFakeQuant weights must be one of {GRANULARITIES}, got {weights!r}")
         if activations not in ACTIVATION_METHODS:
@@ -125,7 +125,7 @@ class InsertFakeQuant(Pass):
         if int(bits) != 8:
             raise QfrewriteError(f"InsertFakeQuant supports bits=8 (the TFLite int8 kernels), got {bits}")
         self.weights, self.activations, self.bits = weights, activations, int(bits)
-        self.weight_method, self.percentile, self.chunk = weight_method, float(percentile), int(chunk)
+        self.weight_method, self.percentile = weight_method, float(percentile)
 
     def __repr__(self) -> str:
         return (f"InsertFakeQuant(weights={self.weights!r}, activations={self.activations!r}, bits={self.bits}, "

@@ -1,38 +1,49 @@
 """Activation observers: one streaming pass over the calibration data collecting, for every observed tensor,
 
-* per-tensor min/max, per-channel (last axis) min/max and mean, the element count and the number of exact zeros;
-* a histogram of ``bins`` equal bins over a range that always holds 0.
+* per-tensor min/max, per-channel (last axis) min/max and mean over every value;
+* a histogram of ``bins`` equal bins over a range that always holds 0 and every value seen, with the number of exact
+  zeros among its values. To bound the cost (``bincount`` is the most expensive step) the histogram takes at most
+  ``hist_rows`` positions of a tensor per image, evenly strided over the chunk (2048 by default: every position of
+  a 7x7, 14x14 or 28x28 map, every 6th of a 112x112 one); over hundreds of images that is still millions of values
+  per tensor. ``hist_rows=None`` histograms everything.
 
 **Histogram design: one pass, fixed bin count, exact re-binning when the range grows.** The first chunk sets the
 range ``[min(x, 0), max(x, 0)]``. When a later chunk falls outside, the range is extended to the left by a whole
 number ``j`` of current bins and the bin width multiplied by the smallest integer ``k`` that covers the new data;
-old bin ``m`` then lies wholly inside new bin ``(j + m) // k`` so counts merge exactly (no interpolation). The price is
-resolution: after growth the histogram can be up to ``k`` times coarser than a histogram over the final range, which
-the default 2048 bins absorb.
+old bin ``m`` then lies wholly inside new bin ``(j + m) // k``, so counts merge exactly (no interpolation). The price is
+resolution: after growth the histogram can be up to ``k`` times coarser than one over the final range, which the
+default 2048 bins absorb (the range search needs a few hundred).
 
-Everything is vectorised numpy per chunk (``bincount`` over computed bin indices); the data are run through the
-float reference :class:`~qfrewrite.backend.executor.Executor` with taps, ``chunk`` images at a time, so memory holds
-one chunk's activations, never all images. The result is cached as an :class:`ActivationStats` analysis in the
-:class:`~qfrewrite.pass_infra.Context` (invalidated when a pass modifies the graph).
+The data run through the float reference :class:`~qfrewrite.backend.executor.Executor` with taps, ``chunk`` images at
+a time (by default as many as keep one call's tapped values near 256 MB); every statistic is a vectorised numpy reduction of that chunk (``bincount`` over computed bin indices for the
+histogram), so memory holds one chunk's activations, never all images.
+
+The result is cached as an :class:`ActivationStats` analysis in the :class:`~qfrewrite.pass_infra.Context`
+(invalidated when a pass modifies the graph).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import DataError
 from ..ir import Graph
 from ..pass_infra import Analysis, Context
 
 __all__ = ["TensorStats", "StreamingHistogram", "TensorObserver", "ActivationStats", "activation_stats",
-           "observe", "activation_names"]
+           "observe", "activation_names", "chunk_size"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BINS = 2048
+#: rows (positions) of each tensor histogrammed per image; min/max/mean see every value
+DEFAULT_HIST_ROWS = 2048
+#: tapped activations held per executor call
+DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
 
 
 class StreamingHistogram:
@@ -64,24 +75,30 @@ class StreamingHistogram:
         self.counts = np.bincount(idx, weights=self.counts, minlength=self.bins)[:self.bins].astype(np.int64)
         self.lo, self.width = new_lo, w * k
 
-    def update(self, x: np.ndarray, vmin: Optional[float] = None, vmax: Optional[float] = None) -> None:
-        """Add the values of ``x`` (any shape, float). ``vmin``/``vmax`` may be passed when already known."""
-        x = np.asarray(x).ravel()
-        if x.size == 0:
-            return
-        vmin = float(x.min()) if vmin is None else float(vmin)
-        vmax = float(x.max()) if vmax is None else float(vmax)
+    def cover(self, vmin: float, vmax: float, headroom: float = 0.0) -> None:
+        """Make the range hold ``[vmin, vmax]``: set it (widened by ``headroom``) or grow it exactly."""
         if self.counts is None:
-            lo, hi = min(vmin, 0.0), max(vmax, 0.0)
+            lo, hi = min(vmin, 0.0) * (1.0 + headroom), max(vmax, 0.0) * (1.0 + headroom)
             if hi - lo <= 0:
                 hi = lo + 1e-6
             self.lo, self.width = lo, (hi - lo) / self.bins
             self.counts = np.zeros(self.bins, np.int64)
         elif vmin < self.lo or vmax > self.hi:
             self._grow(vmin, vmax)
-        idx = ((x - np.float32(self.lo)) * np.float32(1.0 / self.width)).astype(np.int32)
+
+    def update(self, x: np.ndarray, vmin: Optional[float] = None, vmax: Optional[float] = None) -> None:
+        """Add the values of ``x`` (any shape, float). ``vmin``/``vmax`` may be passed when already known."""
+        x = np.asarray(x, np.float32)
+        if x.size == 0:
+            return
+        vmin = float(x.min()) if vmin is None else float(vmin)
+        vmax = float(x.max()) if vmax is None else float(vmax)
+        self.cover(vmin, vmax)
+        pos = np.subtract(x, np.float32(self.lo), dtype=np.float32)  # also gathers a strided view once
+        pos *= np.float32(1.0 / self.width)
+        idx = pos.astype(np.int32)
         np.clip(idx, 0, self.bins - 1, out=idx)
-        self.counts += np.bincount(idx, minlength=self.bins)
+        self.counts += np.bincount(idx.ravel(), minlength=self.bins)
 
 
 @dataclass
@@ -95,8 +112,8 @@ class TensorStats:
     channel_min: np.ndarray
     channel_max: np.ndarray
     channel_mean: np.ndarray
-    zeros: int  # exact zeros among all values
-    hist: np.ndarray  # counts, int64
+    zeros: int  # exact zeros among the histogrammed values
+    hist: np.ndarray  # counts, int64 (of the histogrammed values: every value, or an even stride of rows)
     hist_lo: float
     hist_hi: float
 
@@ -110,31 +127,49 @@ class TensorStats:
 
 
 class TensorObserver:
-    """Accumulates :class:`TensorStats` of one tensor over chunks."""
+    """Accumulates :class:`TensorStats` of one tensor over chunks (numpy, vectorised).
 
-    def __init__(self, name: str, bins: int = DEFAULT_BINS):
+    ``hist_rows``: the histogram (and its zero count) takes at most this many rows of each chunk, evenly strided
+    (``None``: every row); min/max/mean always see every value.
+    """
+
+    def __init__(self, name: str, bins: int = DEFAULT_BINS, hist_rows: Optional[int] = None):
         self.name = name
         self.hist = StreamingHistogram(bins)
+        self.hist_rows = hist_rows
         self.count = 0
+        self.hist_count = 0
         self.zeros = 0
         self.cmin = self.cmax = self.csum = None
 
     def update(self, t: np.ndarray) -> None:
+        """Observe one chunk given as an array (channels on the last axis)."""
         t = np.asarray(t, np.float32)
-        flat = t.reshape(-1, t.shape[-1]) if t.ndim > 1 else t.reshape(-1, 1)
+        if t.ndim < 2:
+            t = t.reshape(-1, 1)
+        c = t.shape[-1]
+        flat = t.reshape(-1, c)
         if flat.size == 0:
             return
-        cmin, cmax = flat.min(axis=0), flat.max(axis=0)
-        csum = flat.sum(axis=0, dtype=np.float64)
+        # per-channel reductions over (N*H, W*C) rows: long inner loops also when C is small
+        wide = t.reshape(-1, t.shape[-2] * c) if t.ndim >= 3 else flat
+        cmin = wide.min(axis=0).reshape(-1, c).min(axis=0)
+        cmax = wide.max(axis=0).reshape(-1, c).max(axis=0)
+        csum = wide.sum(axis=0, dtype=np.float64).reshape(-1, c).sum(axis=0)
         if self.cmin is None:
             self.cmin, self.cmax, self.csum = cmin, cmax, csum
         else:
-            self.cmin = np.minimum(self.cmin, cmin)
-            self.cmax = np.maximum(self.cmax, cmax)
+            np.minimum(self.cmin, cmin, out=self.cmin)
+            np.maximum(self.cmax, cmax, out=self.cmax)
             self.csum += csum
         self.count += flat.shape[0]
-        self.zeros += flat.size - int(np.count_nonzero(flat))
-        self.hist.update(flat, float(cmin.min()), float(cmax.max()))
+        step = 1 if not self.hist_rows or len(flat) <= self.hist_rows else -(-len(flat) // int(self.hist_rows))
+        sample = flat[::step] if step > 1 else flat
+        self.zeros += sample.size - int(np.count_nonzero(sample))
+        self.hist_count += sample.size
+        vmin, vmax = float(cmin.min()), float(cmax.max())
+        self.hist.cover(vmin, vmax)  # the range covers every value seen, sampled or not
+        self.hist.update(sample, vmin, vmax)
 
     def result(self) -> TensorStats:
         if self.cmin is None:
@@ -153,30 +188,53 @@ def activation_names(graph: Graph) -> List[str]:
     return names
 
 
-def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequence[str]] = None, chunk: int = 8,
-            bins: int = DEFAULT_BINS, progress: Optional[bool] = None, total: Optional[int] = None
-            ) -> Dict[str, TensorStats]:
-    """Run the float graph over ``batches`` (NHWC) once, ``chunk`` images at a time, and observe ``names``."""
+def chunk_size(graph: Graph, names: Sequence[str], budget_bytes: int = DEFAULT_CHUNK_BYTES,
+               limits=(1, 64)) -> int:
+    """Images per executor call so that the tapped float32 values of one call take about ``budget_bytes``."""
+    per_image = 0
+    for n in names:
+        dims = graph.value(n).shape[1:]
+        if any(d is None for d in dims):
+            return 8
+        per_image += 4 * int(np.prod(dims)) if dims else 4
+    return int(np.clip(budget_bytes // max(per_image, 1), *limits))
+
+
+def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequence[str]] = None,
+            chunk: Optional[int] = None, bins: int = DEFAULT_BINS, progress: Optional[bool] = None,
+            total: Optional[int] = None, hist_rows: Optional[int] = DEFAULT_HIST_ROWS) -> Dict[str, TensorStats]:
+    """Run the float graph over ``batches`` (NHWC) once, ``chunk`` images at a time, and observe ``names``.
+
+    ``chunk=None`` sizes the chunks so that one call's tapped values take about 256 MB (:func:`chunk_size`).
+    ``hist_rows``: histogram at most this many rows (positions) of each tensor per image, evenly strided (``None``:
+    all); min/max/mean always use every value.
+    """
     from tqdm.auto import tqdm
 
     from ..backend.executor import Executor
 
+    if len(graph.inputs) != 1:
+        raise DataError(f"the observers run single-input graphs; {graph.name!r} has {len(graph.inputs)} inputs")
     names = list(dict.fromkeys(names if names is not None else activation_names(graph)))
-    inputs = {v.name for v in graph.inputs}
-    taps = [n for n in names if n not in inputs]
     for n in names:
         graph.value(n)  # GraphError on an unknown name
+    inputs = {v.name for v in graph.inputs}
+    taps = [n for n in names if n not in inputs]
+    chunk = int(chunk) if chunk else chunk_size(graph, names)
     ex = Executor(graph, taps=taps)
-    observers = {n: TensorObserver(n, bins) for n in names}
+    observers = {n: TensorObserver(n, bins, None if hist_rows is None else hist_rows * chunk) for n in names}
     disable = None if progress is None else not progress
     with tqdm(total=total, desc="calibrating", unit="img", disable=disable, leave=False) as bar:
         for batch in batches:
             for s in range(0, len(batch), chunk):
                 x = batch[s:s + chunk]
-                _, tapped = ex(x) if taps else (None, {})
+                if len(x) == 0:
+                    continue
+                tapped = ex(x)[1] if taps else {}
                 for n in names:
-                    observers[n].update(x if n in inputs else tapped[n])
-                del tapped
+                    t = x if n in inputs else tapped.pop(n)
+                    observers[n].update(t)
+                    del t
                 bar.update(len(x))
     return {n: o.result() for n, o in observers.items()}
 
@@ -184,9 +242,9 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
 class ActivationStats(Analysis):
     """:class:`TensorStats` of ``names`` (default: every activation) over the context's calibration data."""
 
-    def __init__(self, names: Optional[Sequence[str]] = None, chunk: int = 8, bins: int = DEFAULT_BINS):
+    def __init__(self, names: Optional[Sequence[str]] = None, chunk: Optional[int] = None, bins: int = DEFAULT_BINS):
         self.names = None if names is None else tuple(dict.fromkeys(names))
-        self.chunk, self.bins = int(chunk), int(bins)
+        self.chunk, self.bins = chunk, int(bins)
         key = "*" if self.names is None else "\n".join(sorted(self.names))
         self.name = f"activation_stats:{bins}:{hashlib.sha1(key.encode()).hexdigest()[:12]}"
 

@@ -84,3 +84,18 @@ def test_analysis_cached_in_context_and_invalidated():
     assert not ctx.cached(ActivationStats().name, g)
     with pytest.raises(DataError, match="calibration data"):
         activation_stats(g, Context())
+
+
+def test_histogram_row_sampling_keeps_exact_moments_and_range():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
+    x[3, 31, 31, 2] = 50.0  # an extreme value on a row the stride may skip
+    full, sampled = TensorObserver("a", 256), TensorObserver("b", 256, hist_rows=500)
+    full.update(x)
+    sampled.update(x)
+    a, b = full.result(), sampled.result()
+    np.testing.assert_array_equal(a.channel_max, b.channel_max)
+    np.testing.assert_allclose(a.channel_mean, b.channel_mean)
+    assert b.hist_hi >= 50.0 and sampled.hist_count < full.hist_count // 4 and b.hist.sum() == sampled.hist_count
+    # the sampled histogram has the shape of the full one
+    assert np.abs(a.hist / a.hist.sum() - b.hist / b.hist.sum()).sum() < 0.1

@@ -1,0 +1,25 @@
+"""Helpers shared by the benchmarks: the ../shared models and a disjoint calibration/evaluation split."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("QFREWRITE_SHARED", REPO.parent / "shared"))
+
+#: name -> file under ../shared, load() options, preprocessing preset (as in ../shared/MANIFEST.md)
+MODELS = {
+    "keras_v1_025": {"file": "models/keras_mobilenet_v1_0.25_224.h5", "preprocess": "inception"},
+    "tf_slim_v1": {"file": "models/tf_mobilenet_v1_1.0_224_frozen.pb", "preprocess": "inception",
+                   "load": {"outputs": ["MobilenetV1/Logits/SpatialSqueeze"]}},
+    "torchvision_v2": {"file": "models/torchvision_mobilenet_v2.onnx", "preprocess": "torch"},
+    "efficientnet_lite0": {"file": "models/efficientnet_lite0.onnx", "preprocess": "efficientnet-lite"},
+}
+
+
+def split_images(images, n_calib: int, n_eval: int):
+    """Disjoint subsets of an ImageSet: calibration from the even positions, evaluation from the odd ones (the
+    folder is sorted by class, so both spread over the classes)."""
+    calib = images.subset(slice(0, None, 2)).subset(slice(0, n_calib))
+    evals = images.subset(slice(1, None, 2)).subset(slice(0, n_eval))
+    return calib, evals
