@@ -113,7 +113,7 @@ class InsertFakeQuant(Pass):
     exact = False
 
     def __init__(self, weights: str = "per_channel", activations: str = "mse", bits: int = 8,
-                 weight_method: str = "minmax", percentile: float = 99.99):
+                 weight_method: str = "minmax", percentile: float = 99.99, saturation_weight: float = 1.0):
         if weights not in GRANULARITIES:
             raise QfrewriteError(f"InsertFakeQuant weights must be one of {GRANULARITIES}, got {weights!r}")
         if activations not in ACTIVATION_METHODS:
@@ -126,6 +126,7 @@ class InsertFakeQuant(Pass):
             raise QfrewriteError(f"InsertFakeQuant supports bits=8 (the TFLite int8 kernels), got {bits}")
         self.weights, self.activations, self.bits = weights, activations, int(bits)
         self.weight_method, self.percentile = weight_method, float(percentile)
+        self.saturation_weight = float(saturation_weight)
 
     def __repr__(self) -> str:
         return (f"InsertFakeQuant(weights={self.weights!r}, activations={self.activations!r}, bits={self.bits}, "
@@ -214,8 +215,8 @@ class InsertFakeQuant(Pass):
                 ranges[name] = (0.0, (q - 1.0) / q)
                 continue
             method = "minmax" if (name in inputs or name in outputs) else self.activations
-            ranges[name] = activation_range(observed[name], method, self.bits,
-                                            **({"percentile": self.percentile} if method == "percentile" else {}))
+            ranges[name] = activation_range(observed[name], method, self.bits, percentile=self.percentile,
+                                            saturation_weight=self.saturation_weight)
         # same-scale ops with a constant operand: the input takes the output's range
         for node in graph.find(Op.MINIMUM):
             x, k = _const_pair(node)

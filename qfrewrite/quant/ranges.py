@@ -16,16 +16,20 @@ from .observers import TensorStats
 __all__ = ["activation_range", "activation_attrs", "ACTIVATION_METHODS"]
 
 
-def activation_range(stats: TensorStats, method: str = "mse", bits: int = 8,
-                     percentile: float = 99.99) -> Tuple[float, float]:
-    """The snapped ``(lo, hi)`` of one tensor by ``method`` (``mse``, ``minmax``, ``percentile``, ``kl``)."""
+def activation_range(stats: TensorStats, method: str = "mse", bits: int = 8, percentile: float = 99.99,
+                     saturation_weight: float = 1.0) -> Tuple[float, float]:
+    """The snapped ``(lo, hi)`` of one tensor by ``method`` (``mse``, ``minmax``, ``percentile``, ``kl``).
+
+    ``percentile`` applies to ``percentile``; ``saturation_weight`` (the weight of the clipping error against the
+    rounding error) to ``mse``."""
     if method == "minmax":
         lo, hi = minmax_range(stats.min, stats.max)
     elif method == "percentile":
         lo, hi = percentile_range(stats.hist, stats.hist_lo, stats.hist_hi, percentile)
     elif method == "mse":
         # already on an integer zero point, chosen by cost: keep it exactly
-        return mse_range(stats.hist, stats.hist_lo, stats.hist_hi, stats.min, stats.max, bits, zeros=stats.zeros)
+        return mse_range(stats.hist, stats.hist_lo, stats.hist_hi, stats.min, stats.max, bits, zeros=stats.zeros,
+                         saturation_weight=saturation_weight)
     elif method == "kl":
         lo, hi = kl_range(stats.hist, stats.hist_lo, stats.hist_hi, bits, zeros=stats.zeros)
     else:
