@@ -48,7 +48,7 @@ def bench(paths: List[str], runs: int = 50, threads=(1, 2)) -> List[Dict]:
         for p in paths:
             sec = time_model(p, t, runs)
             base = sec if base is None else base
-            rows.append({"model": Path(p).name, "threads": t, "ms": sec * 1e3, "speedup_vs_first": base / sec})
+            rows.append({"file": Path(p).name, "threads": t, "ms": sec * 1e3, "speedup_vs_first": base / sec})
     return rows
 
 
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = bench(args.models, args.runs)
     for r in rows:
-        print(f"{r['model']:<40} threads={r['threads']}  {r['ms']:8.2f} ms  x{r['speedup_vs_first']:.2f} vs first")
+        print(f"{r['file']:<40} threads={r['threads']}  {r['ms']:8.2f} ms  x{r['speedup_vs_first']:.2f} vs first")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
