@@ -139,15 +139,15 @@ def calibration_rss(model: str, n: int) -> Dict:
 
 
 def table(rows: List[Dict]) -> str:
-    def f(v, fmt):
-        return "" if v is None else fmt.format(v)
+    def f(v, fmt, scale=1.0):
+        return "" if v is None else fmt.format(scale * v)
 
     lines = ["| model | method | weights | top-1 % | top-5 % | SQNR dB | top-1 agree % | pipeline s | time / TF PTQ |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['method']} | {r['granularity']} | {f(r['top1'] and 100 * r['top1'], '{:.1f}')}"
-                     f" | {f(r['top5'] and 100 * r['top5'], '{:.1f}')} | {f(r['sqnr_db'], '{:.1f}')} | "
-                     f"{f(r['agreement'] and 100 * r['agreement'], '{:.1f}')} | {f(r['seconds'], '{:.1f}')} | "
+        lines.append(f"| {r['model']} | {r['method']} | {r['granularity']} | {f(r['top1'], '{:.1f}', 100)}"
+                     f" | {f(r['top5'], '{:.1f}', 100)} | {f(r['sqnr_db'], '{:.1f}')} | "
+                     f"{f(r['agreement'], '{:.1f}', 100)} | {f(r['seconds'], '{:.1f}')} | "
                      f"{f(r['ratio'], '{:.2f}')} |")
     return "\n".join(lines)
 

@@ -4,7 +4,11 @@ integer model whose ranges are exactly the ones chosen here.
 
 **Weights.** Every Conv2D / DepthwiseConv2D / Dense kernel without ``weight_quant`` gets
 :func:`qfrewrite.quant.weights.weight_quant_attrs` (symmetric narrow range, ``weights`` granularity,
-``weight_method``); the kernel stays float. A kernel that already carries ``weight_quant`` keeps it.
+``weight_method``); the kernel stays float. A kernel that already carries ``weight_quant`` keeps it. The converter
+stores a bias as int32 codes of step ``s_in * s_w``: a channel whose weights are near zero (a dead channel) but
+whose bias is not would overflow, so its weight range is widened until ``|b| / (s_in * s_w) <= 2**30``; its
+weights are then (near) zero codes, which changes the output by far less than one output step
+(``stats["bias_fit_channels"]``).
 With per-channel weights a Dense on ``(N, C)`` is rewritten as ``Reshape(1, 1, C) -> Conv2D 1x1 -> Reshape(C_out)``
 (exact; the converter rejects per-channel MatMul weights). Affine ops without an int8 kernel, ``BatchNorm`` left
 unfolded and ``Normalize``, are rewritten as ``Mul`` + ``Add`` with constant operands (exact) so that every
@@ -59,6 +63,8 @@ _FUSING = (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE, Op.ADD)
 _SAME_SCALE = (Op.PAD, Op.MAX_POOL, Op.AVG_POOL, Op.RESHAPE, Op.FLATTEN)
 #: ops with a fixed int8 output range
 _FIXED_OUTPUT = (Op.SOFTMAX, Op.SIGMOID)
+#: the largest int32 bias code allowed (half of int32's range: headroom for the accumulator)
+_BIAS_LIMIT = 2.0 ** 30
 
 
 def _fusable_activation(node: Node) -> bool:
@@ -178,6 +184,32 @@ class InsertFakeQuant(Pass):
             done.append(node.name)
         return done
 
+    def _fit_biases(self, graph: Graph) -> Dict[str, List[int]]:
+        """Widen weight ranges whose int32 bias would overflow; returns ``{layer: [channels]}``."""
+        out: Dict[str, List[int]] = {}
+        for node in graph.find(*_LAYERS):
+            fq, bias = node.weight_quant, node.bias
+            v = node.inputs[0]
+            while v.producer is not None and v.producer.op in _SAME_SCALE:
+                v = v.producer.inputs[0]
+            if fq is None or bias is None or v.producer is None or v.producer.op is not Op.FAKE_QUANT:
+                continue
+            a = v.producer.attrs
+            s_in = (a.hi[0] - a.lo[0]) / (2 ** a.bits - 1)
+            levels = 2 ** (fq.bits - 1) - 1
+            absmax = np.asarray(fq.hi, np.float64)
+            b = np.abs(bias.const.astype(np.float64))
+            need = b / (s_in * _BIAS_LIMIT) * levels  # the absmax that keeps |b / (s_in * s_w)| <= limit
+            need = need if len(absmax) == len(b) else np.array([need.max()])
+            grow = need > absmax
+            if grow.any():
+                absmax = np.maximum(absmax, need)
+                node.weight_quant = FakeQuantAttrs(lo=tuple(float(-m) for m in absmax),
+                                                   hi=tuple(float(m) for m in absmax), bits=fq.bits,
+                                                   narrow_range=fq.narrow_range, axis=fq.axis)
+                out[node.name] = np.flatnonzero(grow).tolist()
+        return out
+
     # -- the pass ------------------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         if graph.find(Op.FAKE_QUANT):
@@ -236,6 +268,10 @@ class InsertFakeQuant(Pass):
                 node.set_input(i, fq.output)
             if _is_output(v):
                 graph.outputs = [fq.output if o is v else o for o in graph.outputs]
+        widened = self._fit_biases(graph)
+        if widened:
+            stats["bias_fit_channels"] = widened
+            log.info("weight ranges widened so that int32 biases do not overflow: %s", widened)
         stats.update({"fake_quant_nodes": len(points), "weight_quant": n_weights,
                       "ranges": {n: [float(a), float(b)] for n, (a, b) in ranges.items()},
                       "images": len(ctx.data)})

@@ -6,6 +6,9 @@ needed. A model is **fully integer** when every op other than the boundary ``QUA
 ``DEQUANTIZE`` (int8 -> float output) reads and writes only integer tensors: int8 (or uint8/int16) activations and
 weights, int32 biases and shape operands; a ``DEQUANTIZE`` feeding anything but a model output, or a float tensor
 inside, makes it not fully integer.
+
+:func:`layer_agreement` compares every quantized tensor of the file with the FakeQuant simulation of the IR, each
+layer fed the int8 model's own inputs so that rounding differences do not accumulate.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import numpy as np
 from .errors import EmitError
 
 __all__ = ["TensorInfo", "OpInfo", "ModelInfo", "inspect_tflite", "assert_fully_integer", "float_ops",
-           "interpreter", "tensors_for_node"]
+           "interpreter", "tensors_for_node", "layer_agreement"]
 
 _INTEGER = (np.int8, np.uint8, np.int16, np.int32, np.int64)
 
@@ -175,3 +178,101 @@ def assert_fully_integer(model: Union[str, os.PathLike, bytes, ModelInfo],
         raise EmitError("TFLite model is not fully integer: " + "; ".join(problems[:10])
                         + (f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""))
     return info
+
+
+def _segment(graph, fq):
+    """A graph computing FakeQuant node ``fq`` from the nearest quantized tensors before it (FakeQuant outputs or
+    graph inputs), which become its inputs; returns ``(segment graph, [source values])``."""
+    from .ir import Graph, Op
+
+    nodes, sources, seen = [], [], set()
+    stack = [fq.inputs[0]]
+    while stack:
+        v = stack.pop()
+        if v.is_const or v.name in seen:
+            continue
+        seen.add(v.name)
+        if v.producer is None or v.producer.op is Op.FAKE_QUANT:
+            sources.append(v)
+            continue
+        nodes.append(v.producer)
+        stack.extend(v.producer.inputs)
+    order = {n.name: i for i, n in enumerate(graph.topological_order())}
+    seg = Graph(f"{fq.name}/segment")
+    env = {v.name: seg.add_input(f"in{i}", v.shape) for i, v in enumerate(sources)}
+    for node in sorted(nodes, key=lambda n: order[n.name]) + [fq]:
+        ins = [seg.const(v.const) if v.is_const else env[v.name] for v in node.inputs]
+        new = seg.add_node(node.op, ins, node.attrs, name=node.name, shape=node.output.shape)
+        new.weight_quant = node.weight_quant
+        env[node.output.name] = new.output
+    seg.outputs = [env[fq.output.name]]
+    return seg, sources
+
+
+def layer_agreement(graph, model: Union[str, os.PathLike, bytes], x: np.ndarray) -> Dict[str, Dict[str, float]]:
+    """Compare every quantized tensor of an emitted int8 model with the FakeQuant simulation of the graph, layer by
+    layer: each FakeQuant node's computation is run (``Executor(quantize=True)``) on the int8 model's own values of
+    its inputs, so differences do not accumulate. ``x``: NHWC float inputs (fed to the model one by one).
+
+    Returns ``{FakeQuant node: {"within_1_lsb": fraction, "max_lsb": max |difference| / scale}}`` over the values
+    of every image; tensors the model does not hold (fused away) are left out.
+    """
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from .backend.executor import Executor
+    from .ir import Op
+
+    info = inspect_tflite(model)
+    kw = {"model_content": bytes(model)} if isinstance(model, (bytes, bytearray)) else {"model_path": str(model)}
+    it = Interpreter(experimental_preserve_all_tensors=True,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES, **kw)
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]
+
+    def tensor_of(fq_node) -> Optional[TensorInfo]:
+        names = [fq_node.name] + ([fq_node.inputs[0].producer.name] if fq_node.inputs[0].producer else [])
+        for n in names:
+            found = [t for t in tensors_for_node(info, n) if t.dtype is np.int8]
+            if found:
+                return found[0]
+        if fq_node.inputs[0].producer is None:  # the graph input: the QUANTIZE output, or an int8 model input
+            q = [op for op in info.ops if op.name == "QUANTIZE" and info.inputs[0] in op.inputs]
+            return info.tensors[q[0].outputs[0]] if q else info.tensors[info.inputs[0]]
+        return None
+
+    fqs = graph.find(Op.FAKE_QUANT)
+    tensors = {fq.name: tensor_of(fq) for fq in fqs}
+    producers = {fq.output.name: fq for fq in fqs}
+    segments = {}
+    for fq in fqs:
+        if fq.inputs[0].producer is None or tensors[fq.name] is None:
+            continue
+        seg, sources = _segment(graph, fq)
+        if all(tensors[producers[v.name].name] is not None for v in sources if v.name in producers) and \
+                all(v.name in producers for v in sources):
+            segments[fq.name] = (Executor(seg, quantize=True), sources)
+    diffs: Dict[str, List[np.ndarray]] = {n: [] for n in segments}
+
+    def real(t: TensorInfo) -> np.ndarray:
+        return (it.get_tensor(t.index).astype(np.float32) - t.zero_point) * t.scale
+
+    for i in range(len(x)):
+        xi = np.asarray(x[i:i + 1], np.float32)
+        if inp["dtype"] != np.float32:
+            s, z = inp["quantization"]
+            lim = np.iinfo(inp["dtype"])
+            xi = np.clip(np.round(xi / s + z), lim.min, lim.max)
+        it.set_tensor(inp["index"], xi.astype(inp["dtype"]))
+        it.invoke()
+        for name, (ex, sources) in segments.items():
+            args = [real(tensors[producers[v.name].name]).reshape(1, *v.shape[1:]) for v in sources]
+            want = ex(*args)[0]
+            t = tensors[name]
+            got = real(t).reshape(want.shape)
+            diffs[name].append(np.abs(got - want).ravel() / t.scale)
+    out = {}
+    for name, parts in diffs.items():
+        d = np.concatenate(parts) if parts else np.zeros(0)
+        out[name] = {"within_1_lsb": float(np.mean(d <= 1.01)) if d.size else 1.0,
+                     "max_lsb": float(d.max()) if d.size else 0.0}
+    return out

@@ -34,10 +34,12 @@ from typing import Tuple
 
 import numpy as np
 
-__all__ = ["snap_range", "minmax_range", "percentile_range", "mse_range", "kl_range", "range_cost",
+__all__ = ["MIN_WIDTH", "snap_range", "minmax_range", "percentile_range", "mse_range", "kl_range", "range_cost",
            "ACTIVATION_METHODS"]
 
 ACTIVATION_METHODS = ("mse", "minmax", "percentile", "kl")
+#: the narrowest range TFLite's converter keeps (it widens narrower ones)
+MIN_WIDTH = 1e-6
 _TINY = 1e-8
 
 
@@ -45,12 +47,13 @@ def snap_range(a: float, b: float, bits: int = 8) -> Tuple[float, float]:
     """``[a, b]`` (widened to hold 0) moved onto the grid of an integer zero point, as TensorFlow nudges it.
 
     ``scale = (b - a) / qmax`` is kept; ``z = round(-a / scale)`` clamped to ``[0, qmax]``; the result is
-    ``(-z * scale, (qmax - z) * scale)``. A degenerate range becomes ``(0, tiny)``-sized but valid.
+    ``(-z * scale, (qmax - z) * scale)``. A range narrower than ``MIN_WIDTH`` (1e-6, the narrowest the TFLite
+    converter keeps) is widened upwards to it.
     """
     qmax = float(2 ** bits - 1)
     a, b = min(float(a), 0.0), max(float(b), 0.0)
-    if b - a < _TINY:
-        b = a + _TINY
+    if b - a < MIN_WIDTH:
+        b = a + MIN_WIDTH
     scale = (b - a) / qmax
     z = float(np.clip(np.round(-a / scale), 0.0, qmax))
     return -z * scale, (qmax - z) * scale

@@ -15,8 +15,9 @@ resolution: after growth the histogram can be up to ``k`` times coarser than one
 default 2048 bins absorb (the range search needs a few hundred).
 
 The data run through the float reference :class:`~qfrewrite.backend.executor.Executor` with taps, ``chunk`` images at
-a time (by default as many as keep one call's tapped values near 256 MB); every statistic is a vectorised numpy reduction of that chunk (``bincount`` over computed bin indices for the
-histogram), so memory holds one chunk's activations, never all images.
+a time (by default as many as keep one call's tapped values near 256 MB); every statistic is a vectorised numpy
+reduction of that chunk (``bincount`` over computed bin indices for the histogram), so memory holds one chunk's
+activations, never all images.
 
 The result is cached as an :class:`ActivationStats` analysis in the :class:`~qfrewrite.pass_infra.Context`
 (invalidated when a pass modifies the graph).

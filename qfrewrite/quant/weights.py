@@ -8,6 +8,9 @@ magnitude ``a`` is chosen by
 * ``"mse"``: ``a = f * max |w|`` with ``f`` from a grid on ``[0.3, 1]`` minimising the mean squared error between the
   kernel and its fake-quantized copy (rounding plus clipping), independently per channel when per-channel.
 
+Every magnitude is at least ``MIN_ABSMAX`` (5e-7): TensorFlow's TFLite converter widens any narrower weight range
+to ``[-5e-7, 5e-7]`` (range width 1e-6), so a smaller one would make the simulation differ from the file.
+
 This is the one function every pass uses to decide weight quantization, so bias correction and
 :class:`InsertFakeQuant` apply exactly the same ``W_q``.
 """
@@ -20,11 +23,13 @@ from ..ir import FakeQuantAttrs, Node
 from ..ir.ops import WEIGHTED_OPS
 from ..numerics.quantize import kernel_channels_last, symmetric_weight_attrs
 
-__all__ = ["weight_quant_attrs", "mse_weight_absmax", "GRANULARITIES", "WEIGHT_METHODS"]
+__all__ = ["weight_quant_attrs", "mse_weight_absmax", "GRANULARITIES", "WEIGHT_METHODS", "MIN_ABSMAX"]
 
 GRANULARITIES = ("per_channel", "per_tensor")
 WEIGHT_METHODS = ("minmax", "mse")
 
+#: the smallest weight clipping magnitude TFLite's converter keeps
+MIN_ABSMAX = 5e-7
 #: Candidate clipping fractions of the largest magnitude for the MSE search.
 _MSE_FRACTIONS = np.linspace(0.3, 1.0, 71)
 
@@ -75,7 +80,10 @@ def weight_quant_attrs(node: Node, granularity: str = "per_channel", method: str
     if not 2 <= int(bits) <= 16:
         raise QfrewriteError(f"weight bits must be in [2, 16], got {bits} (node {node.name!r})")
     per_channel = granularity == "per_channel"
-    absmax = None
+    flat = kernel_channels_last(node)
     if method == "mse":
-        absmax = mse_weight_absmax(kernel_channels_last(node), per_channel, int(bits))
+        absmax = mse_weight_absmax(flat, per_channel, int(bits))
+    else:
+        absmax = np.abs(flat).max(axis=0) if per_channel else np.array([np.abs(flat).max()])
+    absmax = np.maximum(np.asarray(absmax, np.float64), MIN_ABSMAX)
     return symmetric_weight_attrs(node, per_channel=per_channel, bits=int(bits), absmax=absmax)

@@ -183,4 +183,14 @@ def test_range_method_unknown_raises():
 def test_mse_range_degenerate():
     s = _stats(np.zeros(100))
     lo, hi = mse_range(s.hist, s.hist_lo, s.hist_hi, s.min, s.max, zeros=s.zeros)
-    assert lo == 0.0 and 0.0 < hi < 1e-6
+    assert lo == 0.0 and hi == pytest.approx(1e-6)  # the narrowest range TFLite keeps
+
+
+def test_weight_range_floor_matches_converter():
+    from qfrewrite.quant.weights import MIN_ABSMAX
+
+    k = np.ones((1, 1, 2, 3))
+    k[..., 1] = 0.0
+    k[..., 2] = 1e-9
+    fq = weight_quant_attrs(_conv(k), "per_channel")
+    assert fq.hi == pytest.approx((1.0, MIN_ABSMAX, MIN_ABSMAX))
