@@ -1,14 +1,16 @@
 """Top-1 of the recipes on the real models in ../shared: float, and int8 per-tensor / per-channel for each recipe.
 
-Calibration and evaluation images are disjoint: calibration takes the last ``--calib`` images of the sorted folder,
-evaluation the first ``--eval`` (the folder holds one image per class, sorted by class). The int8 accuracy is that of
+Calibration and evaluation images are disjoint (``benchmarks.common.split_images``: calibration from the even
+positions of the class-sorted folder, evaluation from the odd ones). The int8 accuracy is that of
 the simulated int8 graph (weights and activations fake-quantized exactly as the emitted TFLite model holds them);
 ``--tflite`` also emits each int8 model and scores it in LiteRT.
 
-    python benchmarks/bench_passes.py                              # every model, recipes plain/dfq, both granularities
+    python benchmarks/bench_passes.py                  # three models, recipes plain/dfq, both granularities, TF PTQ
     python benchmarks/bench_passes.py --models tf_slim_v1 --recipes dfq --granularity per_tensor --eval 200
 
-Writes a markdown table to stdout and, with ``--out``, the rows as JSON.
+``--tf-ptq`` adds TensorFlow's own post-training integer quantization of the same float graph with the same
+calibration images (``benchmarks.bench_ptq.tf_ptq``), scored in LiteRT. Writes a markdown table to stdout and, with
+``--out``, the rows as JSON.
 """
 from __future__ import annotations
 
@@ -25,16 +27,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SHARED = REPO.parent / "shared"
+from benchmarks.common import MODELS, SHARED, split_images  # noqa: E402
 
-#: name -> (file, load kwargs, preprocessing preset, label offset)
-MODELS = {
-    "tf_slim_v1": ("models/tf_mobilenet_v1_1.0_224_frozen.pb", {"outputs": ["MobilenetV1/Logits/SpatialSqueeze"]},
-                   "inception", 1),
-    "torchvision_v2": ("models/torchvision_mobilenet_v2.onnx", {}, "torch", 0),
-    "keras_v1_025": ("models/keras_mobilenet_v1_0.25_224.h5", {}, "inception", 0),
-    "efficientnet_lite0": ("models/efficientnet_lite0.onnx", {}, "efficientnet-lite", 0),
-}
 DEFAULT_MODELS = ("tf_slim_v1", "torchvision_v2", "keras_v1_025")
 RECIPES = ("plain", "dfq", "qualcomm")
 
@@ -54,46 +48,60 @@ def top1(graph, images, offset: int, quantize: bool, batch: int = 50) -> float:
     return 100.0 * hits / len(images)
 
 
-def top1_tflite(result, images, offset: int) -> float:
+def top1_tflite(flatbuffer: bytes, images, offset: int) -> float:
+    """Top-1 (%) of a TFLite model run image by image in LiteRT."""
     from ai_edge_litert.interpreter import Interpreter
 
-    it = Interpreter(model_content=result.to_tflite(quantized=True))
+    it = Interpreter(model_content=flatbuffer)
     it.allocate_tensors()
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
     hits = 0
     for i in range(len(images)):
-        it.set_tensor(inp["index"], images.preprocess(images.images[i:i + 1]))
+        x = images.preprocess(images.images[i:i + 1])
+        if inp["dtype"] != np.float32:
+            scale, zero = inp["quantization"]
+            x = np.clip(np.round(x / scale + zero), -128, 127).astype(inp["dtype"])
+        it.set_tensor(inp["index"], x)
         it.invoke()
         hits += int(it.get_tensor(out["index"]).reshape(-1).argmax() - offset == images.labels[i])
     return 100.0 * hits / len(images)
 
 
 def run(models, recipe_names, granularities, n_calib: int, n_eval: int, activations: Optional[str],
-        tflite: bool) -> List[Dict]:
+        tflite: bool, tf_ptq: bool) -> List[Dict]:
     import qfrewrite
     from qfrewrite import recipes
     from qfrewrite.images import ImageFolder
 
     rows = []
     for name in models:
-        rel, kwargs, preset, offset = MODELS[name]
-        path = SHARED / rel
+        spec = MODELS[name]
+        path = SHARED / spec["file"]
         if not path.exists():
             log.warning("%s: %s is absent, skipped", name, path)
             continue
-        graph = qfrewrite.load(path, **kwargs)
-        allimg = ImageFolder(SHARED / "images" / "imagenet_sample", preprocess=preset, progress=False).read(graph)
-        if n_calib + n_eval > len(allimg):
-            raise SystemExit(f"--calib {n_calib} + --eval {n_eval} exceed the {len(allimg)} images")
-        calib = allimg.subset(slice(len(allimg) - n_calib, None))
-        evals = allimg.subset(slice(0, n_eval))
+        graph = qfrewrite.load(path, **spec.get("load", {}))
+        offset = 1 if graph.outputs[0].shape[-1] == 1001 else 0  # TF-slim: index 0 is the background class
+        allimg = ImageFolder(SHARED / "images" / "imagenet_sample", preprocess=spec["preprocess"],
+                             progress=False).read(graph)
+        calib, evals = split_images(allimg, n_calib, n_eval)
         t0 = time.time()
         f32 = top1(graph, evals, offset, quantize=False)
         rows.append({"model": name, "recipe": "float", "granularity": "-", "top1": f32, "delta": 0.0,
-                     "seconds": time.time() - t0})
-        print(f"{name}: float {f32:.2f}", flush=True)
-        for recipe in recipe_names:
-            for gran in granularities:
+                     "seconds": time.time() - t0, "calib": len(calib), "eval": len(evals)})
+        print(f"{name}: float {f32:.2f} on {len(evals)} images", flush=True)
+        for gran in granularities:
+            if tf_ptq:
+                from benchmarks.bench_ptq import tf_ptq as tf_ptq_model
+
+                t0 = time.time()
+                fb = tf_ptq_model(graph, np.concatenate(list(calib.batches())), gran == "per_channel")
+                row = {"model": name, "recipe": "tf_ptq", "granularity": gran, "top1": top1_tflite(fb, evals, offset)}
+                row["delta"] = row["top1"] - f32
+                row["seconds"] = time.time() - t0
+                rows.append(row)
+                print(f"{name}: TF PTQ {gran} {row['top1']:.2f} ({row['delta']:+.2f})", flush=True)
+            for recipe in recipe_names:
                 t0 = time.time()
                 options = {"weights": gran}
                 if activations:
@@ -106,7 +114,7 @@ def run(models, recipe_names, granularities, n_calib: int, n_eval: int, activati
                 if recipe != "plain":
                     row["float_after_rewrite"] = top1(result.graph, evals, offset, quantize=False)
                 if tflite:
-                    row["tflite_top1"] = top1_tflite(result, evals, offset)
+                    row["tflite_top1"] = top1_tflite(result.to_tflite(quantized=True), evals, offset)
                 row["seconds"] = time.time() - t0
                 rows.append(row)
                 print(f"{name}: {recipe} {gran} int8 {row['top1']:.2f} ({row['delta']:+.2f})", flush=True)
@@ -114,11 +122,14 @@ def run(models, recipe_names, granularities, n_calib: int, n_eval: int, activati
 
 
 def table(rows: List[Dict]) -> str:
-    lines = ["| model | recipe | weights | int8 top-1 | vs float | TFLite int8 |", "|---|---|---|---|---|---|"]
+    lines = ["| model | recipe | weights | int8 top-1 | vs float | float after rewrite | TFLite int8 |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         tfl = f"{r['tflite_top1']:.2f}" if "tflite_top1" in r else ""
+        fl = f"{r['float_after_rewrite']:.2f}" if "float_after_rewrite" in r else ""
         delta = "" if r["recipe"] == "float" else f"{r['delta']:+.2f}"
-        lines.append(f"| {r['model']} | {r['recipe']} | {r['granularity']} | {r['top1']:.2f} | {delta} | {tfl} |")
+        lines.append(f"| {r['model']} | {r['recipe']} | {r['granularity']} | {r['top1']:.2f} | {delta} | {fl} | "
+                     f"{tfl} |")
     return "\n".join(lines)
 
 
@@ -128,14 +139,16 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", nargs="+", default=["plain", "dfq"], choices=RECIPES)
     ap.add_argument("--granularity", nargs="+", default=["per_tensor", "per_channel"],
                     choices=["per_tensor", "per_channel"])
-    ap.add_argument("--calib", type=int, default=200, help="calibration images (taken from the end)")
-    ap.add_argument("--eval", type=int, default=800, help="evaluation images (taken from the start)")
+    ap.add_argument("--calib", type=int, default=200, help="calibration images (even positions)")
+    ap.add_argument("--eval", type=int, default=500, help="evaluation images (odd positions, at most 500)")
     ap.add_argument("--activations", default=None, help="InsertFakeQuant activation range method (default: its own)")
     ap.add_argument("--tflite", action="store_true", help="also emit each int8 model and score it in LiteRT")
+    ap.add_argument("--tf-ptq", action="store_true", help="add TensorFlow's post-training quantization")
     ap.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    rows = run(args.models, args.recipes, args.granularity, args.calib, args.eval, args.activations, args.tflite)
+    rows = run(args.models, args.recipes, args.granularity, args.calib, args.eval, args.activations, args.tflite,
+               args.tf_ptq)
     print(table(rows))
     if args.out:
         from qfrewrite.io_utils import atomic_write_bytes

@@ -13,6 +13,11 @@ only constant input channels. Constants pass through channel-wise ops:
 * pools, ``GlobalMean``, and reshapes that keep the channel axis: kept.
 
 Everything else (``Add`` of two tensors, ``Concat``, ``FakeQuant`` ...) makes no constant claim.
+
+Bounds: each channel also carries an interval ``[lo, hi]`` that holds for every input, started by clips (ReLU6
+bounds its output to ``[0, 6]``) and carried through layers by interval arithmetic (zero padding read as a 0). A clip
+whose input can never reach above its lower bound (a ReLU after a channel whose largest possible pre-activation is
+below 0: weights of ``1e-8`` against a bias of ``-1.3``) outputs a constant, found without any tolerance on weights.
 """
 from __future__ import annotations
 
@@ -26,7 +31,8 @@ from qfrewrite.numerics.kernels import n_out, out_channels_last
 
 from ._layers import LAYER_OPS, const_operand, kind_of, padding_free
 
-__all__ = ["ConstChannels", "constant_channels", "reads_mask", "propagate", "dead_out_channels"]
+__all__ = ["ConstChannels", "Bounds", "constant_channels", "reads_mask", "propagate", "propagate_bounds",
+           "constants_from_bounds", "merge", "dead_out_channels"]
 
 #: ``(mask, values)``: ``mask[c]`` is True where channel ``c`` is constant, with value ``values[c]``.
 ConstChannels = Tuple[np.ndarray, np.ndarray]
@@ -137,10 +143,120 @@ def propagate(node: Node, cin: Optional[ConstChannels], zero_tol: float = 0.0) -
 def constant_channels(graph: Graph, zero_tol: float = 0.0) -> Dict[str, ConstChannels]:
     """Constant channels of every value that has some, keyed by value name."""
     out: Dict[str, ConstChannels] = {}
+    bounds: Dict[str, Bounds] = {}
     for node in graph.topological_order():
         if not node.inputs:
             continue
-        res = propagate(node, out.get(node.inputs[0].name), zero_tol)
+        b = propagate_bounds(node, bounds.get(node.inputs[0].name))
+        if b is not None:
+            bounds[node.output.name] = b
+        res = merge(propagate(node, out.get(node.inputs[0].name), zero_tol), constants_from_bounds(b))
         if res is not None:
             out[node.output.name] = res
     return out
+
+
+#: ``(lo, hi)`` per channel, possibly infinite: every value of channel ``c`` lies in ``[lo[c], hi[c]]``.
+Bounds = Tuple[np.ndarray, np.ndarray]
+
+#: relative widening of a layer's output bounds, covering float32 accumulation error
+_ROUNDING = 1e-5
+
+
+def _unbounded(n: int) -> Bounds:
+    return np.full(n, -np.inf), np.full(n, np.inf)
+
+
+def _layer_bounds(node: Node, bin: Bounds) -> Optional[Bounds]:
+    """Interval arithmetic through a layer: ``y = b + sum w x`` with each ``x`` in its channel's bounds."""
+    kind = kind_of(node)
+    lo, hi = (np.asarray(a, np.float64) for a in bin)
+    if not padding_free(node):  # zero padding is read as an input value
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+    k = np.asarray(node.weight.const, np.float64)
+    if kind == "dense":
+        k = k[None, None]
+    pos, neg = np.maximum(k, 0.0), np.minimum(k, 0.0)
+
+    def dot(w, x):  # sum of w * x over taps and inputs, with 0 * inf = 0
+        prod = np.where(w == 0, 0.0, w * x[None, None, :, None])
+        return prod.sum(axis=(0, 1)) if kind == "depthwise" else prod.sum(axis=(0, 1, 2))
+
+    with np.errstate(invalid="ignore"):
+        top = dot(pos, hi) + dot(neg, lo)
+        bot = dot(pos, lo) + dot(neg, hi)
+        mag = dot(np.abs(k), np.maximum(np.abs(lo), np.abs(hi)))
+    top, bot, mag = (a.reshape(-1) for a in (top, bot, mag))
+    b = node.bias.const.astype(np.float64) if node.bias is not None else np.zeros_like(top)
+    slack = _ROUNDING * (np.abs(b) + mag)
+    return b + bot - slack, b + top + slack
+
+
+def propagate_bounds(node: Node, bin: Optional[Bounds]) -> Optional[Bounds]:
+    """Per-channel bounds of ``node``'s output from those of its first input (``None``: unknown everywhere)."""
+    op = node.op
+    n = node.output.shape[-1]
+    if n is None:
+        return None
+    if op is Op.CLIP:
+        lo, hi = bin if bin is not None else _unbounded(n)
+        return _clip(lo, node.attrs.lo, node.attrs.hi), _clip(hi, node.attrs.lo, node.attrs.hi)
+    if op is Op.RELU:
+        lo, hi = bin if bin is not None else _unbounded(n)
+        return np.maximum(lo, 0.0), np.maximum(hi, 0.0)
+    if op is Op.MINIMUM:
+        x, c = const_operand(node)
+        vec = None if x is None or x is not node.inputs[0] else _channel_vec(c.const, n)
+        if vec is None:
+            return None
+        lo, hi = bin if bin is not None else _unbounded(n)
+        return np.minimum(lo, vec), np.minimum(hi, vec)
+    if bin is None:
+        return None
+    lo, hi = bin
+    if op in LAYER_OPS:
+        return _layer_bounds(node, bin)
+    if op in (Op.BATCH_NORM, Op.ADD, Op.MUL):
+        if op is Op.BATCH_NORM:
+            gamma, beta, mean, var = (v.const for v in node.inputs[1:5])
+            scale, shift, _ = bn_scale_shift(gamma, beta, mean, var, node.attrs.epsilon)
+        else:
+            x, c = const_operand(node)
+            vec = None if x is None or x is not node.inputs[0] else _channel_vec(c.const, n)
+            if vec is None:
+                return None
+            scale, shift = (vec, np.zeros(n)) if op is Op.MUL else (np.ones(n), vec)
+        with np.errstate(invalid="ignore"):
+            a = np.where(scale == 0, 0.0, lo * scale) + shift
+            b = np.where(scale == 0, 0.0, hi * scale) + shift
+        return np.minimum(a, b), np.maximum(a, b)
+    if op is Op.PAD:
+        v = node.attrs.value
+        return np.minimum(lo, v), np.maximum(hi, v)
+    if op in (Op.AVG_POOL, Op.MAX_POOL, Op.GLOBAL_MEAN):
+        if op is Op.AVG_POOL and node.attrs.padding not in ("SAME", "VALID"):
+            return np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        return bin
+    if op in (Op.RESHAPE, Op.FLATTEN):
+        ins, outs = node.inputs[0].shape, node.output.shape
+        if all(d == 1 for d in ins[1:-1]) and all(d == 1 for d in outs[1:-1]) and ins[-1] == outs[-1]:
+            return bin
+    return None
+
+
+def constants_from_bounds(bounds: Optional[Bounds]) -> Optional[ConstChannels]:
+    """Channels whose bounds pin a single value (a clip that the input can never leave on one side)."""
+    if bounds is None:
+        return None
+    lo, hi = bounds
+    mask = np.isfinite(lo) & (lo == hi)
+    return (mask, np.where(mask, lo, 0.0)) if mask.any() else None
+
+
+def merge(a: Optional[ConstChannels], b: Optional[ConstChannels]) -> Optional[ConstChannels]:
+    if a is None:
+        return b
+    if b is None:
+        return a
+    mask = a[0] | b[0]
+    return mask, np.where(a[0], a[1], b[1])

@@ -1,7 +1,8 @@
 """Small structural helpers shared by the per-channel passes: layer kinds, padding, single-reader chains.
 
 A *chain* joins layer 1 to layer 2 through nodes that act channel by channel and are each read only by the next:
-``Relu``, ``Clip``, ``Minimum`` with a constant operand, ``Pad``. Anything else (an ``Add`` of a residual, a
+``Relu``, ``Clip``, ``Minimum`` with a constant operand, ``Pad`` (and, where a caller allows them, pools,
+``GlobalMean`` and reshapes that keep the channel axis last with every other dimension 1). Anything else (an ``Add`` of a residual, a
 second reader, a graph output) ends the search with a reason.
 """
 from __future__ import annotations
@@ -95,6 +96,10 @@ def walk_chain(layer: Node, allowed: Sequence[Op] = (Op.RELU, Op.CLIP, Op.MINIMU
             return f"{nxt.name} clips below at {nxt.attrs.lo} (not positively homogeneous)"
         if nxt.op is Op.PAD and nxt.attrs.value != 0.0:
             return f"{nxt.name} pads with {nxt.attrs.value}"
+        if nxt.op in (Op.RESHAPE, Op.FLATTEN):
+            ins, outs = nxt.inputs[0].shape, nxt.output.shape
+            if not (all(d == 1 for d in ins[1:-1]) and all(d == 1 for d in outs[1:-1]) and ins[-1] == outs[-1]):
+                return f"{nxt.name} moves the channel axis"
         if nxt.op is Op.MINIMUM:
             x, c = const_operand(nxt)
             if x is not value or not _per_channel_ok(c, channels):

@@ -2,10 +2,11 @@
 :mod:`qfrewrite.numerics.equalization`).
 
 For layer 1 feeding layer 2 through a single-reader chain of ``Relu``, ``Clip(0, hi)``, per-channel ``Minimum`` and
-zero ``Pad``, output channel ``i`` of layer 1 (weights and bias) is divided by ``s_i`` and input channel ``i`` of
+zero ``Pad`` (and pools, ``GlobalMean``, channel-keeping reshapes), output channel ``i`` of layer 1 (weights and bias) is divided by ``s_i`` and input channel ``i`` of
 layer 2 multiplied by ``s_i``, ``s_i = sqrt(r1_i / r2_i)``. Pairs: depthwise -> pointwise, pointwise -> depthwise,
-conv -> depthwise, conv -> conv. Every pair is equalized in turn and the sweep repeated until no scale moves by more
-than ``tol`` (relative) or ``max_iter`` sweeps have run: chains of layers share their middle layer.
+conv -> depthwise, conv -> conv, conv -> (pool) -> classifier. Every pair is equalized in turn and the sweep
+repeated until no scale moves by more than ``tol`` (relative) or ``max_iter`` sweeps have run: chains of layers
+share their middle layer.
 
 ReLU6 is not positively homogeneous: ``ReLU6(x) / s = min(ReLU(x / s), 6 / s)``.
 
@@ -47,6 +48,9 @@ __all__ = ["CrossLayerEqualization"]
 log = logging.getLogger(__name__)
 
 _CLIPS = ("exact", "relu")
+#: positively homogeneous, channel-wise ops a pair may be joined through (Clip and Minimum rescaled)
+_CHAIN_OPS = (Op.RELU, Op.CLIP, Op.MINIMUM, Op.PAD, Op.AVG_POOL, Op.MAX_POOL, Op.GLOBAL_MEAN, Op.RESHAPE,
+              Op.FLATTEN)
 
 
 @dataclass
@@ -57,6 +61,11 @@ class _Pair:
     frozen: np.ndarray
     scale: Optional[np.ndarray] = None  # accumulated s
     floor: Optional[np.ndarray] = None  # lower bound of the accumulated s (activation guard)
+
+
+def _between(p: "_Pair") -> List[str]:
+    """The values between the two layers that get quantized: the chain's outputs, or layer 1's output."""
+    return [n.output.name for n in p.chain] or [p.first.output.name]
 
 
 def _relu_for(graph: Graph, node: Node) -> Node:
@@ -88,7 +97,7 @@ class CrossLayerEqualization(Pass):
         consts = constant_channels(graph, self.zero_tol)
         pairs = []
         for layer in graph.find(Op.CONV2D, Op.DEPTHWISE_CONV2D):
-            res = walk_chain(layer)
+            res = walk_chain(layer, _CHAIN_OPS, (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE))
             if isinstance(res, str):
                 unpaired[layer.name] = res
                 continue
@@ -172,13 +181,13 @@ class CrossLayerEqualization(Pass):
         if ctx.data is not None:
             from ._activations import channel_moments
 
-            moments = channel_moments(graph, ctx, [p.second.inputs[0].name for p in pairs])
+            moments = channel_moments(graph, ctx, [v for p in pairs for v in _between(p)])
         else:
             moments = None
         for p in pairs:
             if moments is not None:
-                m = moments[p.second.inputs[0].name]
-                a = np.maximum(np.abs(m.min), np.abs(m.max))
+                a = np.max([np.maximum(np.abs(moments[v].min), np.abs(moments[v].max)) for v in _between(p)],
+                           axis=0)
             else:
                 his = [n.attrs.hi for n in p.chain if n.op is Op.CLIP and n.attrs.hi is not None]
                 his += [np.asarray(const_operand(n)[1].const, np.float64).reshape(-1)

@@ -11,8 +11,12 @@ per-tensor weight quantization. For a layer reading constant input channel ``i``
 This holds at every output position when ``v_i == 0`` (always) or when the layer reads no zero padding (1x1, VALID,
 Dense). A non-zero constant read through zero padding differs at the borders: it is left alone and listed in
 ``stats["skipped"]``. A depthwise channel whose input was folded becomes a constant (its bias) and is folded on into
-the next layer the same way. When every layer reading a constant channel has zeroed its weights for it, the
-producing channel is set to output 0 (bias 0), so it widens no activation range either.
+the next layer the same way. When every layer reading a channel has zeroed its weights for it, the producing
+channel is set to output 0 (weights and bias 0), so it widens no weight or activation range either.
+
+Constants are also found from bounds (:mod:`passes._constants`): a channel after ReLU6 lies in ``[0, 6]``, so a
+next-layer channel whose largest possible pre-activation stays below 0 (TF-slim MobileNetV1 has channels with
+weights of ``1e-8`` and a bias of ``-1.3``) is a constant 0 after its ReLU, with no tolerance on weights.
 
 Weights of a dead output channel below ``zero_tol`` times the layer's largest weight are set to exactly 0 first; with
 the default ``1e-8`` that changes the output by less than float32 resolution.
@@ -29,10 +33,12 @@ from typing import Dict, List
 import numpy as np
 
 from qfrewrite.ir import Graph, Node, Op
-from qfrewrite.numerics.kernels import const_input_bias, in_absmax, zero_in_channels, zero_out_channels
+from qfrewrite.numerics.kernels import (const_input_bias, in_absmax, out_channels_last, zero_in_channels,
+                                       zero_out_channels)
 from qfrewrite.pass_infra import Context, Pass, PassResult
 
-from ._constants import ConstChannels, dead_out_channels, propagate
+from ._constants import (Bounds, ConstChannels, constants_from_bounds, dead_out_channels, merge, propagate,
+                         propagate_bounds)
 from ._layers import LAYER_OPS, kind_of, padding_free, set_bias, set_kernel
 
 __all__ = ["FoldDeadChannels"]
@@ -81,6 +87,7 @@ class FoldDeadChannels(Pass):
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         consts: Dict[str, ConstChannels] = {}
+        bounds: Dict[str, Bounds] = {}
         zeroed: Dict[str, List[int]] = {}
         constant: Dict[str, Dict[int, float]] = {}
         folded: Dict[str, List[int]] = {}
@@ -91,6 +98,9 @@ class FoldDeadChannels(Pass):
             if not node.inputs:
                 continue
             cin = consts.get(node.inputs[0].name)
+            bout = propagate_bounds(node, bounds.get(node.inputs[0].name))
+            if bout is not None:
+                bounds[node.output.name] = bout
             if node.op in LAYER_OPS:
                 kind = kind_of(node)
                 k = node.weight.const
@@ -122,7 +132,7 @@ class FoldDeadChannels(Pass):
                     constant[node.name] = {int(c): float(res[1][c]) for c in np.flatnonzero(res[0])}
                     layers_with_consts.append(node)
             else:
-                res = propagate(node, cin, 0.0)
+                res = merge(propagate(node, cin, 0.0), constants_from_bounds(bout))
             if res is not None:
                 consts[node.output.name] = res
         cleared = self._clear_producers(graph, layers_with_consts, constant)
@@ -141,23 +151,25 @@ class FoldDeadChannels(Pass):
         return PassResult(graph, modified, stats)
 
     def _clear_producers(self, graph: Graph, layers: List[Node], constant) -> Dict[str, List[int]]:
-        """Set constant channels to 0 where every reading layer ignores them."""
+        """Set every output channel that all reading layers ignore to 0 (weights and bias): nothing reads it."""
         cleared: Dict[str, List[int]] = {}
-        for layer in layers:
-            if layer.bias is None:
-                continue
+        for layer in graph.find(*LAYER_OPS):
             readers = _readers(layer)
             if not readers:
                 continue
-            chans = np.array(sorted(constant[layer.name]), int)
-            ignored = np.ones(len(chans), bool)
+            kind = kind_of(layer)
+            k = layer.weight.const
+            ignored = np.ones(layer.output.shape[-1], bool)
             for r in readers:
-                ignored &= in_absmax(r.weight.const, kind_of(r))[chans] == 0
-            b = layer.bias.const
-            todo = chans[ignored & (b[chans] != 0)]
+                ignored &= in_absmax(r.weight.const, kind_of(r)) == 0
+            b = layer.bias.const if layer.bias is not None else np.zeros(len(ignored), np.float32)
+            live = np.abs(out_channels_last(k, kind)).max(axis=0) > 0
+            todo = np.flatnonzero(ignored & (live | (b != 0)))
             if todo.size:
-                nb = b.copy()
-                nb[todo] = 0.0
-                set_bias(graph, layer, nb, "dead_cleared")
+                set_kernel(graph, layer, zero_out_channels(k, todo, kind), "dead_cleared")
+                if layer.bias is not None:
+                    nb = b.copy()
+                    nb[todo] = 0.0
+                    set_bias(graph, layer, nb, "dead_cleared")
                 cleared[layer.name] = todo.tolist()
         return cleared

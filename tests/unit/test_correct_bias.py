@@ -76,3 +76,19 @@ def test_bad_option():
     with pytest.raises(QfrewriteError, match="weights"):
         CorrectBias(weights="per_pixel")
 
+
+
+def test_sequential_mode_matches_every_layer_mean(rng):
+    from tests.quant_graphs import dead_channel_mobilenet
+
+    g = dead_channel_mobilenet(rng, tiny=0.0)
+    x = rng.normal(scale=2.0, size=(16, 12, 12, 3)).astype(np.float32)
+    names = [n.output.name for n in g.find(Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE)]
+    float_means = [v.reshape(-1, v.shape[-1]).mean(0) for v in Executor(g, taps=names)(x)[1].values()]
+    res = CorrectBias(weights="per_tensor", mode="sequential")(g, Context(CalibrationSet([x[:8], x[8:]])))
+    assert res.modified and res.stats["mode"] == "sequential" and res.stats["corrected"] == len(names)
+    for n in g.find(Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE):
+        n.weight_quant = symmetric_weight_attrs(n, per_channel=False)
+    quant_means = [v.reshape(-1, v.shape[-1]).mean(0) for v in Executor(g, taps=names, quantize=True)(x)[1].values()]
+    for q, f in zip(quant_means, float_means):
+        np.testing.assert_allclose(q, f, atol=1e-4 * max(1.0, np.abs(f).max()))

@@ -71,3 +71,35 @@ def test_constant_reaching_a_graph_output_keeps_its_producer(rng):
     res = FoldDeadChannels()(g)
     assert not res.modified and res.stats["constant_channels"] == {c.name: [0]}
     assert c.bias.const[0] == 1.5
+
+
+def test_bounds_find_a_channel_that_never_crosses_its_relu(rng):
+    """Weights of 1e-6 (far above the zero tolerance) against a bias of -1: after a ReLU6 input the pre-activation
+    stays below 0, so the ReLU outputs a constant 0."""
+    g = dead_channel_mobilenet(rng, pad="SAME", tiny=0.0, dead=(), dead_bias=())
+    pw = g.find(Op.CONV2D)[1]
+    k, b = pw.weight.const.copy(), pw.bias.const.copy()
+    k[..., 3] = 1e-6 * np.sign(rng.normal(size=k[..., 3].shape))
+    b[3] = -1.0
+    pw.inputs[1].set_const(k)
+    pw.inputs[2].set_const(b)
+    x = _x(rng)
+    ref = run_graph(g, x)[0]
+    res = FoldDeadChannels(zero_tol=0.0)(g)
+    assert res.modified
+    dw2 = g.find(Op.DEPTHWISE_CONV2D)[1]
+    assert 3 in res.stats["folded_into"][dw2.name] and np.all(dw2.weight.const[:, :, 3, :] == 0)
+    assert 3 in res.stats["producers_cleared"][pw.name] and np.all(g.find(Op.CONV2D)[1].weight.const[..., 3] == 0)
+    np.testing.assert_allclose(run_graph(g, x)[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_bias_that_can_cross_zero_is_not_constant(rng):
+    g = dead_channel_mobilenet(rng, pad="SAME", tiny=0.0, dead=(), dead_bias=())
+    pw = g.find(Op.CONV2D)[1]
+    k, b = pw.weight.const.copy(), pw.bias.const.copy()
+    k[..., 3] = 0.05  # 6 inputs x 6 x 0.05 = 1.8 > 1: the channel can become positive
+    b[3] = -1.0
+    pw.inputs[1].set_const(k)
+    pw.inputs[2].set_const(b)
+    res = FoldDeadChannels(zero_tol=0.0)(g)
+    assert pw.name not in res.stats["constant_channels"]
