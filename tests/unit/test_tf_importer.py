@@ -322,8 +322,10 @@ def keras_saved_model(tmp_path_factory):
     model.export(str(path), verbose=False)
     x = rng.uniform(-1, 1, size=(3, 96, 96, 3)).astype(np.float32)
     sig = tf.saved_model.load(str(path)).signatures["serving_default"]
-    ref = sig(keras_tensor=tf.constant(x))["output_0"].numpy()
-    return path, x, ref
+    # the input's name follows Keras's global name counter ("keras_tensor", "keras_tensor_12", ...)
+    key = next(iter(sig.structured_input_signature[1]))
+    ref = sig(**{key: tf.constant(x)})["output_0"].numpy()
+    return path, x, ref, key
 
 
 @pytest.fixture(scope="module")
@@ -332,7 +334,7 @@ def saved_model_graph(keras_saved_model):
 
 
 def test_saved_model_matches_its_signature(keras_saved_model, saved_model_graph):
-    path, x, ref = keras_saved_model
+    path, x, ref, _ = keras_saved_model
     g = saved_model_graph.copy()
     assert g.meta["format"] == "savedmodel" and g.meta["output_names"] == ["output_0"]
     assert g.meta["input_layout"] == "NHWC" and g.inputs[0].shape == (None, 96, 96, 3)
@@ -348,11 +350,11 @@ def test_saved_model_matches_its_signature(keras_saved_model, saved_model_graph)
 
 
 def test_saved_model_outputs_by_key_and_node(keras_saved_model, saved_model_graph):
-    path, x, ref = keras_saved_model
+    path, x, ref, key = keras_saved_model
     pooled = saved_model_graph.find(Op.GLOBAL_MEAN)[0].source_name
     # the graph file of a SavedModel is redirected to its folder; outputs mix a signature key and a node name
-    g = load_graphdef(path / "saved_model.pb", inputs=["keras_tensor"], outputs=[pooled, "output_0"],
-                      input_shape={"keras_tensor": (None, 96, 96, 3)})
+    g = load_graphdef(path / "saved_model.pb", inputs=[key], outputs=[pooled, "output_0"],
+                      input_shape={key: (None, 96, 96, 3)})
     assert g.meta["output_names"] == [pooled, "output_0"]
     assert [v.shape for v in g.outputs] == [(None, 1280), (None, 10)]
     features, probs = run_graph(g, x)
