@@ -10,7 +10,8 @@ whose bias is not would overflow, so its weight range is widened until ``|b| / (
 weights are then (near) zero codes, which changes the output by far less than one output step
 (``stats["bias_fit_channels"]``).
 With per-channel weights a Dense on ``(N, C)`` is rewritten as ``Reshape(1, 1, C) -> Conv2D 1x1 -> Reshape(C_out)``
-(exact; the converter rejects per-channel MatMul weights). Affine ops without an int8 kernel, ``BatchNorm`` left
+and a Dense on ``(N, H, W, C)`` as a Conv2D 1x1 (exact; the converter rejects per-channel MatMul weights); a Dense on
+another rank keeps per-tensor weights, with a warning. Affine ops without an int8 kernel, ``BatchNorm`` left
 unfolded and ``Normalize``, are rewritten as ``Mul`` + ``Add`` with constant operands (exact) so that every
 intermediate tensor gets a range.
 
@@ -25,8 +26,9 @@ intermediate tensor gets a range.
 * Softmax and Sigmoid outputs with the fixed int8 range ``[0, 255/256]`` the TFLite kernels require;
 * not on Pad, MaxPool, AveragePool, Reshape, Flatten: TFLite runs them at their input's scale.
 
-A ``Minimum`` with a constant operand (a per-channel clip) must keep its input's scale in int8: its input's range is
-set to its output's range when it is the input's only reader (exact: the clipped values lie inside).
+``Minimum`` with a constant operand (a per-channel clip) and ``Concat`` run in int8 with their inputs at the
+output's scale (the converter imposes it): an input read by nothing else takes the output's range (for the clip
+exact, as the clipped values lie inside; for Concat the output range is the union of the inputs').
 
 Activation ranges come from one streaming pass of the observers (:mod:`qfrewrite.quant.observers`) and the chosen
 method (``activations``: ``mse`` default, ``minmax``, ``percentile``, ``kl``); graph inputs and outputs always use
@@ -146,18 +148,25 @@ class InsertFakeQuant(Pass):
             if (wq is None and self.weights != "per_channel") or (wq is not None and not wq.per_channel):
                 continue
             x = node.inputs[0]
-            if len(x.shape) != 2:
+            if len(x.shape) not in (2, 4):
+                log.warning("Dense %s on a rank-%d input keeps per-tensor weights (per-channel needs a 1x1 conv)",
+                            node.name, len(x.shape))
+                node.weight_quant = weight_quant_attrs(node, "per_tensor", self.weight_method, self.bits)
                 continue
             c, out = node.weight.const.shape
-            r1 = graph.add_node(Op.RESHAPE, [x], ReshapeAttrs((1, 1, c)), name=node.name + "/to_nhwc")
-            ins = [r1.output, graph.const(node.weight.const.reshape(1, 1, c, out), name=node.name + "/kernel_1x1")]
+            y = x
+            if len(x.shape) == 2:
+                y = graph.add_node(Op.RESHAPE, [x], ReshapeAttrs((1, 1, c)), name=node.name + "/to_nhwc").output
+            ins = [y, graph.const(node.weight.const.reshape(1, 1, c, out), name=node.name + "/kernel_1x1")]
             if node.bias is not None:
                 ins.append(node.bias)
             conv = graph.add_node(Op.CONV2D, ins, ConvAttrs(), name=node.name + "/as_conv",
                                   meta={**node.meta, "source_name": node.source_name, "from_dense": True})
             conv.weight_quant = node.weight_quant
-            r2 = graph.add_node(Op.RESHAPE, [conv.output], ReshapeAttrs((out,)), name=node.name + "/flatten")
-            node.output.replace_all_uses_with(r2.output)
+            y = conv.output
+            if len(x.shape) == 2:
+                y = graph.add_node(Op.RESHAPE, [y], ReshapeAttrs((out,)), name=node.name + "/flatten").output
+            node.output.replace_all_uses_with(y)
             graph.remove_node(node)
             done.append(node.name)
         return done
@@ -170,8 +179,10 @@ class InsertFakeQuant(Pass):
                 gamma, beta, mean, var = (v.const for v in node.inputs[1:5])
                 scale, shift, _ = bn_scale_shift(gamma, beta, mean, var, node.attrs.epsilon)
             else:
-                scale = np.broadcast_to(np.asarray(node.attrs.scale, np.float64), (c,))
-                shift = np.broadcast_to(np.asarray(node.attrs.offset, np.float64), (c,))
+                scale = np.asarray(node.attrs.scale, np.float64)
+                shift = np.asarray(node.attrs.offset, np.float64)
+                if c is not None:
+                    scale, shift = np.broadcast_to(scale, (c,)), np.broadcast_to(shift, (c,))
             y = node.inputs[0]
             if not np.all(scale == 1.0):
                 y = graph.add_node(Op.MUL, [y, graph.const(scale, name=node.name + "/scale")],
@@ -249,14 +260,16 @@ class InsertFakeQuant(Pass):
             method = "minmax" if (name in inputs or name in outputs) else self.activations
             ranges[name] = activation_range(observed[name], method, self.bits, percentile=self.percentile,
                                             saturation_weight=self.saturation_weight)
-        # same-scale ops with a constant operand: the input takes the output's range
-        for node in graph.find(Op.MINIMUM):
-            x, k = _const_pair(node)
-            if x is None or x.name not in ranges or node.output.name not in ranges or len(x.uses()) != 1 \
-                    or _is_output(x):
-                continue
-            ranges[x.name] = ranges[node.output.name]
-
+        # ops that TFLite runs with their inputs at the output's scale: the inputs take the output's range
+        for node in graph.find(Op.MINIMUM, Op.CONCAT):
+            if node.op is Op.MINIMUM:
+                x, _ = _const_pair(node)
+                tied = [] if x is None else [x]
+            else:
+                tied = [v for v in node.inputs if not v.is_const]
+            for x in tied:
+                if x.name in ranges and node.output.name in ranges and len(x.uses()) == 1 and not _is_output(x):
+                    ranges[x.name] = ranges[node.output.name]
         for name in points:
             v = graph.value(name)
             lo, hi = ranges[name]

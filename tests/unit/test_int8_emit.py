@@ -47,6 +47,22 @@ def _run(fb, x, preserve=False):
     return np.concatenate(outs), inters
 
 
+def _assert_ranges_in_file(g, info) -> int:
+    """Every FakeQuant node's range is the scale and zero point of its tensor in the file; returns the count."""
+    checked = 0
+    for fq in g.find(Op.FAKE_QUANT):
+        lo, hi = fq.attrs.lo[0], fq.attrs.hi[0]
+        scale, zp = (hi - lo) / 255, int(round(-lo / ((hi - lo) / 255))) - 128
+        src = fq.inputs[0].producer
+        found = tensors_for_node(info, fq.name) + (tensors_for_node(info, src.name) if src else [])
+        found = [t for t in found if t.dtype is np.int8]
+        assert found, fq.name
+        for t in found:
+            assert t.scale == pytest.approx(scale, rel=1e-6) and t.zero_point == zp, (fq.name, t.name)
+        checked += 1
+    return checked
+
+
 def _preserving(fb):
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
@@ -68,18 +84,7 @@ def test_fully_integer_ranges_and_layer_by_layer(rng, weights):
     assert all((len(k.scales) > 1) == (weights == "per_channel") for k in kernels if k.shape[-1] > 1)
     # every FakeQuant range is in the file exactly: scale and integer zero point
     fqs = g.find(Op.FAKE_QUANT)
-    checked = 0
-    for fq in fqs:
-        lo, hi = fq.attrs.lo[0], fq.attrs.hi[0]
-        scale, zp = (hi - lo) / 255, int(round(-lo / ((hi - lo) / 255))) - 128
-        src = fq.inputs[0].producer
-        found = tensors_for_node(info, fq.name) + (tensors_for_node(info, src.name) if src else [])
-        found = [t for t in found if t.dtype is np.int8]
-        assert found, fq.name
-        for t in found:
-            assert t.scale == pytest.approx(scale, rel=1e-6) and t.zero_point == zp, (fq.name, t.name)
-        checked += 1
-    assert checked == len(fqs) >= 7
+    assert _assert_ranges_in_file(g, info) == len(fqs) >= 7
     # layer by layer: each quantized tensor against the simulation of its layer fed the file's own inputs
     layers = layer_agreement(g, fb, x[:4])
     assert len(layers) == len(fqs) - 1
@@ -153,3 +158,33 @@ def test_dead_channel_bias_does_not_overflow(rng):
     assert np.abs(out[..., 1] - 3.0).max() < 0.05  # the dead channel is its bias
     for name, agree in layer_agreement(g, emit_tflite(g), x[:2]).items():
         assert agree["max_lsb"] <= 1.01, (name, agree)
+
+
+def test_concat_inputs_share_its_range_and_dense_on_maps(rng):
+    """Concat runs at one scale in int8: its inputs take its range, so the file holds the chosen ranges; a Dense on
+    an NHWC map becomes a 1x1 conv for per-channel weights."""
+    from qfrewrite.ir import ClipAttrs, ConcatAttrs, ConvAttrs, Graph
+
+    g = Graph("concat")
+    x_in = g.add_input("x", (None, 6, 6, 3))
+    a = g.add_node(Op.CONV2D, [x_in, g.const(rng.normal(size=(1, 1, 3, 4))), g.const(rng.normal(size=4))],
+                   ConvAttrs(), name="a").output
+    a = g.add_node(Op.CLIP, [a], ClipAttrs(0.0, 6.0), name="a_relu").output
+    b = g.add_node(Op.CONV2D, [x_in, g.const(3 * rng.normal(size=(1, 1, 3, 2))), g.const(rng.normal(size=2))],
+                   ConvAttrs(), name="b").output
+    c = g.add_node(Op.CONCAT, [a, b], ConcatAttrs(-1), name="cat").output
+    g.outputs = [g.add_node(Op.DENSE, [c, g.const(rng.normal(size=(6, 5))), g.const(rng.normal(size=5))],
+                            name="fc").output]
+    x = rng.normal(size=(8, 6, 6, 3)).astype(np.float32)
+    ref = Executor(g)(x)[0]
+    res = InsertFakeQuant()(g, Context(CalibrationSet([x])))
+    assert res.stats["dense_as_conv"] == ["fc"] and not g.find(Op.DENSE) and not g.find(Op.RESHAPE)
+    np.testing.assert_allclose(Executor(g)(x)[0], ref, rtol=1e-5, atol=1e-5)
+    r = res.stats["ranges"]
+    assert r["a_relu:0"] == r["b:0"] == r["cat:0"]
+    fb = emit_tflite(g)
+    info = assert_fully_integer(fb)
+    assert "CONCATENATION" in info.op_counts()
+    assert _assert_ranges_in_file(g, info) == 5
+    for name, agree in layer_agreement(g, fb, x[:2]).items():
+        assert agree["within_1_lsb"] >= 0.99, (name, agree)
