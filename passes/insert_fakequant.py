@@ -11,9 +11,10 @@ weights are then (near) zero codes, which changes the output by far less than on
 (``stats["bias_fit_channels"]``).
 With per-channel weights a Dense on ``(N, C)`` is rewritten as ``Reshape(1, 1, C) -> Conv2D 1x1 -> Reshape(C_out)``
 and a Dense on ``(N, H, W, C)`` as a Conv2D 1x1 (exact; the converter rejects per-channel MatMul weights); a Dense on
-another rank keeps per-tensor weights, with a warning. Affine ops without an int8 kernel, ``BatchNorm`` left
-unfolded and ``Normalize``, are rewritten as ``Mul`` + ``Add`` with constant operands (exact) so that every
-intermediate tensor gets a range.
+another rank keeps per-tensor weights, with a warning. Ops that TensorFlow lowers to several element-wise ops with
+no int8 kernel of their own are spelled out in the IR (exact) so that every intermediate tensor gets a range:
+``BatchNorm`` left unfolded and ``Normalize`` as ``Mul`` + ``Add`` with constant operands, ``HardSigmoid`` as
+``Add(3)``, ``Clip(0, 6)``, ``Mul(1/6)``. (``HardSwish`` and ``Sigmoid`` have int8 kernels.)
 
 **Activations.** A FakeQuant goes on
 
@@ -46,7 +47,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from qfrewrite.errors import QfrewriteError
-from qfrewrite.ir import ConvAttrs, FakeQuantAttrs, Graph, Node, Op, ReshapeAttrs, Value
+from qfrewrite.ir import ClipAttrs, ConvAttrs, FakeQuantAttrs, Graph, Node, Op, ReshapeAttrs, Value
 from qfrewrite.numerics.batchnorm import bn_scale_shift
 from qfrewrite.numerics.ranges import ACTIVATION_METHODS
 from qfrewrite.pass_infra import Context, Pass, PassResult
@@ -221,17 +222,34 @@ class InsertFakeQuant(Pass):
                 out[node.name] = np.flatnonzero(grow).tolist()
         return out
 
+    def _hard_sigmoid_as_ops(self, graph: Graph) -> List[str]:
+        """``HardSigmoid(x) = Clip(x + 3, 0, 6) * (1/6)`` as Add, Clip, Mul (exact), each output quantizable."""
+        done = []
+        for node in graph.find(Op.HARD_SIGMOID):
+            x = node.inputs[0]
+            c = x.shape[-1]
+            three = np.full(c, 3.0) if c is not None else np.float32(3.0)
+            sixth = np.full(c, 1.0 / 6.0) if c is not None else np.float32(1.0 / 6.0)
+            y = graph.add_node(Op.ADD, [x, graph.const(three, name=node.name + "/three")], name=node.name + "/add")
+            y = graph.add_node(Op.CLIP, [y.output], ClipAttrs(0.0, 6.0), name=node.name + "/relu6")
+            y = graph.add_node(Op.MUL, [y.output, graph.const(sixth, name=node.name + "/sixth")],
+                               name=node.name + "/mul")
+            node.output.replace_all_uses_with(y.output)
+            graph.remove_node(node)
+            done.append(node.name)
+        return done
+
     # -- the pass ------------------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         if graph.find(Op.FAKE_QUANT):
             return PassResult(graph, False, {"reason": "the graph already holds FakeQuant nodes"})
         ctx.require_data(self.name)
         stats: Dict = {"weights": self.weights, "activations": self.activations, "bits": self.bits}
-        rewritten = self._affine_as_mul_add(graph)
+        rewritten = self._affine_as_mul_add(graph) + self._hard_sigmoid_as_ops(graph)
         if rewritten:
-            log.info("rewrote %d BatchNorm/Normalize nodes as Mul + Add (run FoldBatchNorm first to fold BatchNorm "
-                     "into the layers)", len(rewritten))
-            stats["affine_as_mul_add"] = rewritten
+            log.info("rewrote %d BatchNorm/Normalize/HardSigmoid nodes as Mul/Add/Clip (run FoldBatchNorm first to "
+                     "fold BatchNorm into the layers)", len(rewritten))
+            stats["rewritten_as_elementwise"] = rewritten
         dense = self._dense_as_conv(graph)
         if dense:
             stats["dense_as_conv"] = dense

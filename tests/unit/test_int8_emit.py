@@ -188,3 +188,27 @@ def test_concat_inputs_share_its_range_and_dense_on_maps(rng):
     assert _assert_ranges_in_file(g, info) == 5
     for name, agree in layer_agreement(g, fb, x[:2]).items():
         assert agree["within_1_lsb"] >= 0.99, (name, agree)
+
+
+@pytest.mark.parametrize("act", [Op.HARD_SWISH, Op.HARD_SIGMOID, Op.SIGMOID])
+def test_mobilenet_v3_activations_fully_integer(rng, act):
+    """HardSwish and Sigmoid have int8 kernels; HardSigmoid is spelled out as Add/Clip/Mul (a squeeze-excite gate)."""
+    from qfrewrite.ir import ConvAttrs, Graph
+
+    g = Graph("v3")
+    x_in = g.add_input("x", (None, 6, 6, 3))
+    a = g.add_node(Op.CONV2D, [x_in, g.const(rng.normal(size=(1, 1, 3, 4))), g.const(rng.normal(size=4))],
+                   ConvAttrs(), name="a").output
+    h = g.add_node(act, [a], name="act").output
+    if act is not Op.HARD_SWISH:
+        h = g.add_node(Op.MUL, [a, h], name="gate").output
+    g.outputs = [g.add_node(Op.CONV2D, [h, g.const(rng.normal(size=(1, 1, 4, 2)))], ConvAttrs(), name="b").output]
+    x = rng.normal(size=(8, 6, 6, 3)).astype(np.float32)
+    ref = Executor(g)(x)[0]
+    InsertFakeQuant()(g, Context(CalibrationSet([x])))
+    np.testing.assert_allclose(Executor(g)(x)[0], ref, rtol=1e-5, atol=1e-5)  # rewrites are exact in float
+    fb = emit_tflite(g)
+    assert_fully_integer(fb)
+    assert _assert_ranges_in_file(g, inspect_tflite(fb)) == len(g.find(Op.FAKE_QUANT))
+    for name, agree in layer_agreement(g, fb, x[:2]).items():
+        assert agree["within_1_lsb"] >= 0.99, (name, agree)
