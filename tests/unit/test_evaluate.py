@@ -84,3 +84,11 @@ def test_arrays_labels_and_1001_offset(rng):
     assert res.top1 is None and res.sqnr_db == float("inf") and res.top1_agreement == 1.0
     with pytest.raises(DataError, match="labels"):
         qfrewrite.evaluate(g, x, labels=labels[:3])
+
+
+def test_arrays_in_the_source_layout(rng):
+    g = tiny_mobilenet(rng, classes=5)
+    g.meta["input_layout"] = "NCHW"
+    x = rng.normal(size=(4, 16, 16, 3)).astype(np.float32)
+    labels = np.argmax(predict(g, x), 1)
+    assert qfrewrite.evaluate(g, x.transpose(0, 3, 1, 2), labels=labels).top1 == 1.0
