@@ -2,8 +2,8 @@
 
 A *chain* joins layer 1 to layer 2 through nodes that act channel by channel and are each read only by the next:
 ``Relu``, ``Clip``, ``Minimum`` with a constant operand, ``Pad`` (and, where a caller allows them, pools,
-``GlobalMean`` and reshapes that keep the channel axis last with every other dimension 1). Anything else (an ``Add`` of a residual, a
-second reader, a graph output) ends the search with a reason.
+``GlobalMean`` and reshapes that keep the channel axis last with every other dimension 1). Anything else (an
+``Add`` of a residual, a second reader, a graph output) ends the search with a reason.
 """
 from __future__ import annotations
 
