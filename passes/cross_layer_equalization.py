@@ -4,9 +4,9 @@
 For layer 1 feeding layer 2 through a single-reader chain of ``Relu``, ``Clip(0, hi)``, per-channel ``Minimum`` and
 zero ``Pad`` (and pools, ``GlobalMean``, channel-keeping reshapes), output channel ``i`` of layer 1 (weights and
 bias) is divided by ``s_i`` and input channel ``i`` of layer 2 multiplied by ``s_i``, ``s_i = sqrt(r1_i / r2_i)``.
-Pairs: depthwise -> pointwise, pointwise -> depthwise, conv -> depthwise, conv -> conv, conv -> (pool) -> classifier. Every pair is equalized in turn and the sweep
-repeated until no scale moves by more than ``tol`` (relative) or ``max_iter`` sweeps have run: chains of layers
-share their middle layer.
+Pairs: depthwise -> pointwise, pointwise -> depthwise, conv -> depthwise, conv -> conv, conv -> (pool) -> classifier.
+Every pair is equalized in turn and the sweep repeated until no scale moves by more than ``tol`` (relative) or
+``max_iter`` sweeps have run: chains of layers share their middle layer.
 
 ReLU6 is not positively homogeneous: ``ReLU6(x) / s = min(ReLU(x / s), 6 / s)``.
 
