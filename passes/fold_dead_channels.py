@@ -92,7 +92,6 @@ class FoldDeadChannels(Pass):
         constant: Dict[str, Dict[int, float]] = {}
         folded: Dict[str, List[int]] = {}
         skipped: Dict[str, str] = {}
-        layers_with_consts: List[Node] = []
         modified = False
         for node in graph.topological_order():
             if not node.inputs:
@@ -130,12 +129,14 @@ class FoldDeadChannels(Pass):
                 res = propagate(node, cin, 0.0)
                 if res is not None:
                     constant[node.name] = {int(c): float(res[1][c]) for c in np.flatnonzero(res[0])}
-                    layers_with_consts.append(node)
             else:
                 res = merge(propagate(node, cin, 0.0), constants_from_bounds(bout))
+                new = np.zeros(0, int) if res is None else np.flatnonzero(res[0] & ~(cin[0] if cin else False))
+                if new.size:  # a clip the input never leaves: constant from the bounds alone
+                    constant[node.name] = {int(c): float(res[1][c]) for c in new}
             if res is not None:
                 consts[node.output.name] = res
-        cleared = self._clear_producers(graph, layers_with_consts, constant)
+        cleared = self._clear_producers(graph)
         modified |= bool(cleared)
         if modified:
             graph.remove_unused()
@@ -150,7 +151,7 @@ class FoldDeadChannels(Pass):
                      len(constant))
         return PassResult(graph, modified, stats)
 
-    def _clear_producers(self, graph: Graph, layers: List[Node], constant) -> Dict[str, List[int]]:
+    def _clear_producers(self, graph: Graph) -> Dict[str, List[int]]:
         """Set every output channel that all reading layers ignore to 0 (weights and bias): nothing reads it."""
         cleared: Dict[str, List[int]] = {}
         for layer in graph.find(*LAYER_OPS):

@@ -89,6 +89,7 @@ def test_bounds_find_a_channel_that_never_crosses_its_relu(rng):
     assert res.modified
     dw2 = g.find(Op.DEPTHWISE_CONV2D)[1]
     assert 3 in res.stats["folded_into"][dw2.name] and np.all(dw2.weight.const[:, :, 3, :] == 0)
+    assert res.stats["constant_channels"][g.find(Op.CLIP)[2].name] == [3]
     assert 3 in res.stats["producers_cleared"][pw.name] and np.all(g.find(Op.CONV2D)[1].weight.const[..., 3] == 0)
     np.testing.assert_allclose(run_graph(g, x)[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
