@@ -6,7 +6,8 @@ with output channel ``c * M + m`` fed by input channel ``c`` only; ``"dense"`` `
 * output channel ``o`` of a kernel: every weight that produces ``o``;
 * input channel ``i``: every weight that reads ``i`` (for a depthwise kernel, the ``M`` outputs ``i*M .. i*M+M-1``).
 
-All functions are pure numpy and return new arrays (float64 where they compute, float32 where they build kernels).
+All functions are pure numpy and return new arrays; scaling keeps a float64 kernel in float64 (so repeated scaling
+does not round) and returns float32 otherwise.
 """
 from __future__ import annotations
 
@@ -59,6 +60,10 @@ def in_absmax(kernel: np.ndarray, kind: str) -> np.ndarray:
     return k.max(axis=(0, 1, 3))
 
 
+def _dtype(kernel) -> type:
+    return np.float64 if np.asarray(kernel).dtype == np.float64 else np.float32
+
+
 def _out_shape_vec(s: np.ndarray, kernel: np.ndarray, kind: str) -> np.ndarray:
     s = np.asarray(s, np.float64)
     if kind == "depthwise":
@@ -69,9 +74,10 @@ def _out_shape_vec(s: np.ndarray, kernel: np.ndarray, kind: str) -> np.ndarray:
 def scale_out(kernel: np.ndarray, bias, s: np.ndarray, kind: str):
     """Divide output channel ``o`` (weights and bias) by ``s[o]``: the layer's output channel becomes ``y_o / s_o``."""
     _check(kind)
+    dt = _dtype(kernel)
     k = np.asarray(kernel, np.float64) / _out_shape_vec(s, kernel, kind)
     b = None if bias is None else np.asarray(bias, np.float64) / np.asarray(s, np.float64)
-    return k.astype(np.float32), (None if b is None else b.astype(np.float32))
+    return k.astype(dt), (None if b is None else b.astype(dt))
 
 
 def scale_in(kernel: np.ndarray, s: np.ndarray, kind: str) -> np.ndarray:
@@ -83,7 +89,7 @@ def scale_in(kernel: np.ndarray, s: np.ndarray, kind: str) -> np.ndarray:
         k = k * s[:, None]
     else:
         k = k * s[None, None, :, None]
-    return k.astype(np.float32)
+    return k.astype(_dtype(kernel))
 
 
 def tap_sums(kernel: np.ndarray, kind: str) -> np.ndarray:
