@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -118,9 +117,12 @@ def run(models: List[str], n_calib: int, n_eval: int, granularities: List[str], 
 
 
 def calibration_rss(model: str, n: int) -> Dict:
-    """Peak RSS (GB) of a child process that reads ``n`` images and runs the observers of InsertFakeQuant."""
+    """Peak RSS (GB) of a child process that reads ``n`` images and runs FoldBatchNorm + InsertFakeQuant.
+
+    Read from the child's ``VmHWM`` (its own address space): ``ru_maxrss`` of a child started from a large process
+    also counts the parent's pages at the fork."""
     code = (
-        "import sys, time, resource; sys.path.insert(0, %r)\n"
+        "import sys, time; sys.path.insert(0, %r)\n"
         "from benchmarks.common import MODELS, SHARED\n"
         "import qfrewrite\n"
         "from qfrewrite.images import ImageFolder\n"
@@ -132,7 +134,8 @@ def calibration_rss(model: str, n: int) -> Dict:
         "t = time.perf_counter()\n"
         "qfrewrite.rewrite(g, passes=[FoldBatchNorm(), InsertFakeQuant()], data=data, stats=False)\n"
         "print('SECONDS', time.perf_counter() - t)\n"
-        "print('RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n" % (str(REPO), model, n))
+        "print('RSS_KB', [l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+        % (str(REPO), model, n))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     vals = dict(line.split() for line in out.splitlines() if line.startswith(("SECONDS", "RSS_KB")))
     return {"model": model, "images": n, "peak_rss_gb": int(vals["RSS_KB"]) / 1e6, "seconds": float(vals["SECONDS"])}

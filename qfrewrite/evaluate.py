@@ -124,6 +124,16 @@ def _graph_of(model):
     return load(model), False
 
 
+def _loaded(model):
+    """A TFLite model as given; anything else as a Graph or Result, imported once."""
+    from .api import Result
+    from .ir import Graph
+
+    if _is_tflite(model) or isinstance(model, (Graph, Result)):
+        return model
+    return _graph_of(model)[0]
+
+
 def predict(model, x: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """Outputs of ``model`` (see the module docstring) for NHWC inputs ``x``, batch by batch."""
     if _is_tflite(model):
@@ -183,6 +193,7 @@ def evaluate(model, images, labels=None, reference=None, preprocess=None, limit:
              label_offset: Optional[int] = None, batch_size: int = 32) -> EvalResult:
     """Top-1/top-5 of ``model`` on ``images`` and, with ``reference``, SQNR and top-1 agreement (see module doc)."""
     t0 = time.perf_counter()
+    model = _loaded(model)
     x, labels = _image_inputs(images, model, preprocess, limit, labels)
     if len(x) == 0:
         raise DataError("no images to evaluate")
@@ -197,7 +208,7 @@ def evaluate(model, images, labels=None, reference=None, preprocess=None, limit:
         res.top5 = topk_accuracy(scores, labels, 5, offset)
     if reference is not None:
         ref = np.asarray(reference, np.float32) if isinstance(reference, np.ndarray) else \
-            predict(reference, x, batch_size)
+            predict(_loaded(reference), x, batch_size)
         ref = ref[:len(x)]
         if ref.shape != scores.shape:
             raise QfrewriteError(f"the reference gives outputs of shape {ref.shape}, the model {scores.shape}")
