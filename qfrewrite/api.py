@@ -48,8 +48,8 @@ class Result:
 
 
 def rewrite(model, passes: Optional[Sequence[Pass]] = None, data=None, *, inputs=None, outputs=None,
-            input_shape=None, preprocess=None, batch_size: int = 32, verify: bool = True,
-            stats: bool = True) -> Result:
+            input_shape=None, preprocess=None, limit: Optional[int] = None, batch_size: int = 32,
+            verify: bool = True, stats: bool = True) -> Result:
     """Import ``model`` (a Keras model, a path, or a Graph from :func:`load`), run ``passes`` and return a Result.
 
     ``data``: calibration data (an image folder, a numpy array in the source model's own input layout, or an
@@ -57,7 +57,7 @@ def rewrite(model, passes: Optional[Sequence[Pass]] = None, data=None, *, inputs
     The caller's model or file is never modified.
     """
     graph = load(model, inputs=inputs, outputs=outputs, input_shape=input_shape)
-    ctx = Context(data=as_calibration_set(data, graph, batch_size=batch_size, preprocess=preprocess))
+    ctx = Context(data=as_calibration_set(data, graph, batch_size=batch_size, preprocess=preprocess, limit=limit))
     ctx.report = Report(source=graph.meta.get("source"))
     pm = PassManager(list(passes or []), verify_each=verify, stats="default" if stats else None)
     result = pm.run(graph, ctx)

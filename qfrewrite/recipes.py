@@ -29,11 +29,7 @@ log = logging.getLogger(__name__)
 def _fake_quant(quantize: bool, weights: str, activations: Optional[str], bits: int, extra) -> List[Pass]:
     if not quantize:
         return []
-    try:
-        from qfrewrite.passes import InsertFakeQuant  # type: ignore[attr-defined]
-    except ImportError:
-        log.warning("InsertFakeQuant is not available in this build: the recipe ends before quantization")
-        return []
+    from qfrewrite.passes import InsertFakeQuant
     kwargs: dict = {"weights": weights, "bits": bits, **extra}
     if activations is not None:
         kwargs["activations"] = activations

@@ -157,3 +157,9 @@ def test_functional_subclass_of_keras_model_is_recognised():
     out = keras.layers.Conv2D(4, 3, name="c")(inp)
     g = qfrewrite.load(MyModel(inp, out))
     assert [n.op.value for n in g] == ["Conv2D"]
+
+
+def test_rewrite_limit_caps_the_calibration_data(rng):
+    g = tiny_mobilenet(rng)
+    res = qfrewrite.rewrite(g, passes=[], data=rng.normal(size=(10, 16, 16, 3)).astype(np.float32), limit=4)
+    assert len(res.context.data) == 4
