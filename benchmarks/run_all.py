@@ -59,7 +59,7 @@ def chart(rows, path: Path) -> None:
     models = list(dict.fromkeys(r["model"] for r in rows))
     series = [("float", "-"), ("tf_ptq", "per_tensor"), ("plain", "per_tensor"), ("dfq", "per_tensor"),
               ("tf_ptq", "per_channel"), ("plain", "per_channel"), ("dfq", "per_channel")]
-    fig, ax = plt.subplots(figsize=(11, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     width = 0.8 / len(series)
     for k, (recipe, gran) in enumerate(series):
         vals = []
@@ -71,7 +71,7 @@ def chart(rows, path: Path) -> None:
     ax.set_xticks(np.arange(len(models)) + width * (len(series) - 1) / 2, models)
     ax.set_ylabel("top-1 % (held-out images)")
     ax.set_title("int8 TFLite top-1 by recipe and weight granularity")
-    ax.legend(ncol=4, fontsize=8, loc="lower center")
+    ax.legend(ncol=7, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.08), frameon=False)
     ax.set_ylim(0, 100)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
