@@ -46,6 +46,7 @@ import numpy as np
 
 from ..ir import Graph, Node, Op
 from ..numerics.batchnorm import bn_scale_shift, fold_bn_into_kernel
+from ..numerics.kernels import out_channels_last
 from ..pass_infra import Analysis, Context
 from . import channel_math as cm
 
@@ -62,10 +63,7 @@ _CHANNELWISE = (Op.PAD, Op.RELU, Op.CLIP, Op.BATCH_NORM, Op.MINIMUM)
 
 def _flat(kernel: np.ndarray, op: Op) -> np.ndarray:
     """The kernel as ``(K, C_out)`` (depthwise: ``C_out = C * M`` in ``c * M + m`` order)."""
-    if op is Op.DEPTHWISE_CONV2D:
-        kh, kw, c, m = kernel.shape
-        return kernel.reshape(kh * kw, c * m)
-    return kernel.reshape(-1, kernel.shape[-1])
+    return out_channels_last(kernel, "depthwise" if op is Op.DEPTHWISE_CONV2D else "conv")
 
 
 def weight_channel_ranges(node: Node) -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ..ir import FakeQuantAttrs, Node, Op
+from .kernels import out_channels_last
 
 __all__ = ["nudge", "fake_quant_np", "symmetric_weight_attrs", "kernel_channels_last"]
 
@@ -40,11 +41,7 @@ def fake_quant_np(x: np.ndarray, lo, hi, bits: int = 8, narrow_range: bool = Fal
 
 def kernel_channels_last(node: Node) -> np.ndarray:
     """The kernel reshaped to ``(-1, C_out)``: output channels on the last axis (depthwise: ``c*M + m``)."""
-    k = node.weight.const
-    if node.op is Op.DEPTHWISE_CONV2D:
-        kh, kw, c, m = k.shape
-        return k.reshape(kh * kw, c * m)
-    return k.reshape(-1, k.shape[-1])
+    return out_channels_last(node.weight.const, "depthwise" if node.op is Op.DEPTHWISE_CONV2D else "conv")
 
 
 def symmetric_weight_attrs(node: Node, per_channel: bool, bits: int = 8,

@@ -62,17 +62,10 @@ def reference(h5, images):
 
 
 def _litert(path, x):
-    from ai_edge_litert.interpreter import Interpreter
+    """The float TFLite model at ``path`` run in LiteRT on ``x``."""
+    from qfrewrite.evaluate import predict
 
-    it = Interpreter(model_path=str(path))
-    it.allocate_tensors()
-    inp, out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
-    outs = []
-    for xi in x:
-        it.set_tensor(inp, xi[None])
-        it.invoke()
-        outs.append(it.get_tensor(out)[0].copy())
-    return np.stack(outs)
+    return predict(str(path), x)
 
 
 def _top1(scores, labels) -> float:

@@ -128,8 +128,6 @@ def test_nested_models_are_flattened(nested, tmp_path):
 
 
 def test_nested_backbone_round_trips_to_float_tflite(nested, tmp_path):
-    from ai_edge_litert.interpreter import Interpreter
-
     m, x = nested
     res = qfrewrite.rewrite(m, passes=[FoldBatchNorm()])
     assert not res.graph.find(Op.BATCH_NORM)
@@ -232,17 +230,10 @@ def test_callers_model_and_file_are_untouched(tmp_path):
 
 # -- keras.applications MobileNets -> float TFLite ------------------------------------------------------------------
 def _litert(path, x):
-    from ai_edge_litert.interpreter import Interpreter
+    """The float TFLite model at ``path`` run in LiteRT on ``x``."""
+    from qfrewrite.evaluate import predict
 
-    it = Interpreter(model_path=str(path))
-    it.allocate_tensors()
-    inp, out = it.get_input_details()[0]["index"], it.get_output_details()[0]["index"]
-    outs = []
-    for xi in x:
-        it.set_tensor(inp, xi[None])
-        it.invoke()
-        outs.append(it.get_tensor(out)[0].copy())
-    return np.stack(outs)
+    return predict(str(path), x)
 
 
 FAMILIES = {
