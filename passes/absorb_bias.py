@@ -14,7 +14,10 @@ per-channel constant ``hi - c``.
 
 Left alone: pairs where layer 2 reads zero padding (a ``Pad`` in the chain, or a padded 3x3 conv/depthwise: the
 padded zeros would stand for ``-c`` after absorption, so borders change), chains without a ReLU, and everything
-:func:`passes._layers.walk_chain` refuses (several readers, residual ``Add``).
+:func:`qfrewrite.ir.walk_chain` refuses (several readers, residual ``Add``); each is a skip with the reason.
+
+Contract: needs data; requires ``BN_FOLDED``; cannot run once the biases are corrected (the correction is measured on
+the activations absorption shifts) or the graph quantized.
 """
 from __future__ import annotations
 
@@ -23,24 +26,34 @@ from typing import Dict, List
 
 import numpy as np
 
+from qfrewrite.analysis.moments import channel_moments
+from qfrewrite.contracts import Property
 from qfrewrite.errors import QfrewriteError
-from qfrewrite.ir import Graph, Op
+from qfrewrite.ir import (WEIGHTED_OPS, Graph, Node, Op, const_operand, is_positively_homogeneous, layer_kind,
+                          padding_free, set_bias, walk_chain)
 from qfrewrite.numerics.bias import absorption_amount
 from qfrewrite.numerics.kernels import const_input_bias
-from qfrewrite.pass_infra import Context, Pass, PassResult
-
-from ._activations import channel_moments
-from ._layers import LAYER_OPS, const_operand, kind_of, padding_free, set_bias, walk_chain
+from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
 
 __all__ = ["AbsorbBias"]
 
 log = logging.getLogger(__name__)
+
+#: the ops between the two layers: ReLU-like (a ReLU, a clip at 0, a per-channel clip) and zero padding
+_CHAIN_OPS = (Op.RELU, Op.CLIP, Op.MINIMUM, Op.PAD)
+
+
+def _chain_op(node: Node) -> bool:
+    return node.op in _CHAIN_OPS and is_positively_homogeneous(node, rescaling_bounds=True)
 
 
 class AbsorbBias(Pass):
     """Move the provably-positive part of a ReLU's input into the next layer's bias."""
 
     exact = False
+    needs_data = True
+    requires = frozenset({Property.BN_FOLDED})
+    forbids = frozenset({Property.BIAS_CORRECTED, Property.QUANTIZED})
 
     def __init__(self, method: str = "min"):
         if method not in ("min", "3sigma"):
@@ -50,32 +63,32 @@ class AbsorbBias(Pass):
     def __repr__(self) -> str:
         return f"AbsorbBias(method={self.method!r})"
 
-    def _pairs(self, graph: Graph, skipped: Dict[str, str]):
+    def _pairs(self, graph: Graph, skipped: List[Skip]):
         pairs = []
-        for layer in graph.find(Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE):
+        for layer in graph.find(*WEIGHTED_OPS):
             if layer.bias is None:
-                skipped[layer.name] = "no bias"
+                skipped.append(Skip(layer.name, "no bias"))
                 continue
-            res = walk_chain(layer, targets=LAYER_OPS)
+            res = walk_chain(layer, _chain_op, WEIGHTED_OPS, "a ReLU, a clip at 0 or zero padding")
             if isinstance(res, str):
-                skipped[layer.name] = res
+                skipped.append(Skip(layer.name, res))
                 continue
             chain, second = res
             if not chain or chain[0].op not in (Op.RELU, Op.CLIP):
-                skipped[layer.name] = "no ReLU after the layer"
+                skipped.append(Skip(layer.name, "no ReLU after the layer"))
                 continue
             if any(n.op is Op.PAD for n in chain) or not padding_free(second):
-                skipped[layer.name] = f"{second.name} reads zero padding"
+                skipped.append(Skip(layer.name, f"{second.name} reads zero padding"))
                 continue
             pairs.append((layer, chain, second))
         return pairs
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
-        skipped: Dict[str, str] = {}
+        skipped: List[Skip] = []
         pairs = self._pairs(graph, skipped)
         if not pairs:
-            return PassResult(graph, False, {"absorbed_layers": 0, "skipped": skipped,
-                                             "reason": "no layer -> ReLU -> padding-free layer pair"})
+            return PassResult(graph, False, {"absorbed_layers": 0},
+                              skipped + [Skip(None, "no layer -> ReLU -> padding-free layer pair")])
         moments = channel_moments(graph, ctx, [p[0].output.name for p in pairs])
         absorbed: Dict[str, int] = {}
         for layer, chain, second in pairs:
@@ -94,15 +107,14 @@ class AbsorbBias(Pass):
             self._shift_chain(graph, chain, c)
             k2 = second.weight.const
             b2 = (second.bias.const.astype(np.float64) if second.bias is not None else 0.0)
-            set_bias(graph, second, b2 + const_input_bias(k2, c, kind_of(second)), "absorbed")
+            set_bias(graph, second, b2 + const_input_bias(k2, c, layer_kind(second)), "absorbed")
             absorbed[layer.name] = int(np.sum(c > 0))
         if absorbed:
             graph.remove_unused()
-        stats = {"absorbed_layers": len(absorbed), "absorbed_channels": absorbed, "method": self.method,
-                 "skipped": skipped}
+        stats = {"absorbed_layers": len(absorbed), "absorbed_channels": absorbed, "method": self.method}
         if not absorbed:
-            stats["reason"] = "no channel's pre-activation stays above 0 on the calibration data"
-        return PassResult(graph, bool(absorbed), stats)
+            skipped.append(Skip(None, "no channel's pre-activation stays above 0 on the calibration data"))
+        return PassResult(graph, bool(absorbed), stats, skipped)
 
     @staticmethod
     def _shift_chain(graph: Graph, chain, c: np.ndarray) -> None:

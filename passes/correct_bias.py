@@ -8,9 +8,13 @@ and subtracts that mean from the bias. Running the real layer includes the zero-
 closed form ``(W_q - W) E[x]`` misses them).
 
 ``W_q`` is exactly the weight quantization :class:`InsertFakeQuant` will apply: a kernel that already carries
-``node.weight_quant`` uses it; otherwise the pass builds it from the same options (``weights="per_tensor"`` or
-``"per_channel"``, ``bits``, ``method``) with the same function InsertFakeQuant uses. Run it after every pass that
-changes weights and before InsertFakeQuant, with the same options.
+``node.weight_quant`` uses it; otherwise the pass builds it with the same function InsertFakeQuant uses
+(:func:`qfrewrite.quant.weights.planned_weight_quant`) from the pipeline's :class:`~qfrewrite.spec.QuantSpec`
+(``weights``, ``weight_bits``, ``weight_method``). Options given here explicitly (``weights``, ``bits``, ``method``)
+are statements of that spec: one that disagrees with another pass's is refused before any work.
+
+Contract: needs data; ensures ``BIAS_CORRECTED`` and ``WEIGHTS_FINAL`` (the correction holds only for these
+kernels, so no later pass may change them); cannot run once the graph is quantized.
 
 ``mode="sequential"`` also removes the mean error that quantized layers upstream pass on: layer by layer in
 topological order, the graph up to the layer is run with every kernel before it fake-quantized (and already
@@ -27,46 +31,19 @@ from typing import Dict, Optional
 
 import numpy as np
 
+from qfrewrite.analysis.moments import channel_moments, iterate_taps
+from qfrewrite.backend.executor import Executor
+from qfrewrite.contracts import Property
 from qfrewrite.errors import QfrewriteError
-from qfrewrite.ir import FakeQuantAttrs, Graph, GlobalMeanAttrs, Node, Op
-from qfrewrite.numerics.quantize import fake_quant_np
-from qfrewrite.pass_infra import Context, Pass, PassResult
+from qfrewrite.ir import WEIGHTED_OPS, Graph, GlobalMeanAttrs, Node, Op, set_bias
+from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
+from qfrewrite.quant.weights import GRANULARITIES, WEIGHT_METHODS, planned_weight_quant, quantized_kernel
 
-from ._activations import iterate_taps
-from ._layers import LAYER_OPS, set_bias
-
-__all__ = ["CorrectBias", "weight_attrs", "quantized_kernel"]
+__all__ = ["CorrectBias"]
 
 log = logging.getLogger(__name__)
 
-_GRANULARITY = ("per_tensor", "per_channel")
 _MODES = ("layer", "sequential")
-
-
-def weight_attrs(node: Node, weights: str, bits: int = 8, method: Optional[str] = None) -> FakeQuantAttrs:
-    """The weight fake-quantization InsertFakeQuant applies to ``node`` with these options."""
-    if node.weight_quant is not None:
-        return node.weight_quant
-    try:
-        from qfrewrite.quant.weights import weight_quant_attrs
-    except ImportError:
-        from qfrewrite.numerics.quantize import symmetric_weight_attrs
-
-        return symmetric_weight_attrs(node, per_channel=(weights == "per_channel"), bits=bits)
-    kwargs = {} if method is None else {"method": method}
-    return weight_quant_attrs(node, weights, bits=bits, **kwargs)
-
-
-def quantized_kernel(node: Node, fq: FakeQuantAttrs) -> np.ndarray:
-    """``node``'s kernel after fake quantization with ``fq`` (per-channel ranges on the output channels)."""
-    k = node.weight.const
-    if len(fq.lo) == 1 and fq.axis is None:
-        return fake_quant_np(k, fq.lo[0], fq.hi[0], fq.bits, fq.narrow_range)
-    lo, hi = np.asarray(fq.lo), np.asarray(fq.hi)
-    if node.op is Op.DEPTHWISE_CONV2D:
-        kh, kw, c, m = k.shape
-        return fake_quant_np(k.reshape(kh, kw, c * m), lo, hi, fq.bits, fq.narrow_range).reshape(k.shape)
-    return fake_quant_np(k, lo, hi, fq.bits, fq.narrow_range)
 
 
 def _delta_graph(node: Node, delta: np.ndarray) -> Graph:
@@ -84,37 +61,46 @@ class CorrectBias(Pass):
     """Subtract the expected output error of the quantized kernels from the biases."""
 
     exact = False
+    needs_data = True
+    ensures = frozenset({Property.BIAS_CORRECTED, Property.WEIGHTS_FINAL})
+    forbids = frozenset({Property.QUANTIZED})
+    spec_options = {"weights": "weights", "bits": "weight_bits", "method": "weight_method"}
 
-    def __init__(self, weights: str = "per_tensor", bits: int = 8, method: Optional[str] = None, chunk: int = 8,
-                 mode: str = "layer"):
+    def __init__(self, weights: Optional[str] = None, bits: Optional[int] = None, method: Optional[str] = None,
+                 chunk: int = 8, mode: str = "layer"):
         if mode not in _MODES:
             raise QfrewriteError(f"CorrectBias mode must be one of {_MODES}, got {mode!r}")
+        if weights is not None and weights not in GRANULARITIES:
+            raise QfrewriteError(f"CorrectBias weights must be one of {GRANULARITIES}, got {weights!r}")
+        if method is not None and method not in WEIGHT_METHODS:
+            raise QfrewriteError(f"CorrectBias method must be one of {WEIGHT_METHODS}, got {method!r}")
+        if bits is not None and not 2 <= int(bits) <= 8:
+            raise QfrewriteError(f"CorrectBias bits (weight bits) must be in 2..8, got {bits}")
         self.mode = mode
-        if weights not in _GRANULARITY:
-            raise QfrewriteError(f"CorrectBias weights must be one of {_GRANULARITY}, got {weights!r}")
-        if not 2 <= int(bits) <= 16:
-            raise QfrewriteError(f"bits must be in 2..16, got {bits}")
-        self.weights, self.bits, self.method, self.chunk = weights, int(bits), method, int(chunk)
+        self.weights, self.method, self.chunk = weights, method, int(chunk)
+        self.bits = None if bits is None else int(bits)
 
     def __repr__(self) -> str:
-        return f"CorrectBias(weights={self.weights!r}, bits={self.bits}, mode={self.mode!r})"
+        opts = [f"{k}={getattr(self, k)!r}" for k in ("weights", "bits", "method") if getattr(self, k) is not None]
+        return f"CorrectBias({', '.join(opts + [f'mode={self.mode!r}'])})"
+
+    def _planned(self, node: Node, ctx: Context):
+        return planned_weight_quant(node, self.option(ctx, "weights"), self.option(ctx, "method"),
+                                    self.option(ctx, "bits"))
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
-        from qfrewrite.backend.executor import Executor
-
         ctx.require_data(self.name)
         if self.mode == "sequential":
             return self._run_sequential(graph, ctx)
-        layers = [n for n in graph.find(*LAYER_OPS)]
         jobs = {}
-        for node in layers:
-            fq = weight_attrs(node, self.weights, self.bits, self.method)
+        for node in graph.find(*WEIGHTED_OPS):
+            fq = self._planned(node, ctx)
             delta = quantized_kernel(node, fq).astype(np.float64) - node.weight.const.astype(np.float64)
             if not np.any(delta):
                 continue
             jobs[node.name] = (node, Executor(_delta_graph(node, delta.astype(np.float32))))
         if not jobs:
-            return PassResult(graph, False, {"corrected": 0, "reason": "no kernel changes under quantization"})
+            return PassResult(graph, False, {"corrected": 0}, [Skip(None, "no kernel changes under quantization")])
         inputs = sorted({node.inputs[0].name for node, _ in jobs.values()})
         sums: Dict[str, np.ndarray] = {}
         count = 0
@@ -132,22 +118,18 @@ class CorrectBias(Pass):
             shifts[name] = float(np.max(np.abs(shift)))
         graph.remove_unused()
         worst = max(shifts, key=shifts.get)
-        stats = {"corrected": len(shifts), "weights": self.weights, "bits": self.bits, "images": count,
-                 "largest_shift": {worst: shifts[worst]}, "max_abs_shift": shifts}
+        stats = {"corrected": len(shifts), "weights": self.option(ctx, "weights"), "bits": self.option(ctx, "bits"),
+                 "images": count, "largest_shift": {worst: shifts[worst]}, "max_abs_shift": shifts}
         return PassResult(graph, True, stats)
 
     def _run_sequential(self, graph: Graph, ctx: Context) -> PassResult:
-        from qfrewrite.backend.executor import Executor
-
-        from ._activations import channel_moments
-
-        layers = graph.find(*LAYER_OPS)
-        attrs = {n.name: weight_attrs(n, self.weights, self.bits, self.method) for n in layers}
+        layers = graph.find(*WEIGHTED_OPS)
+        attrs = {n.name: self._planned(n, ctx) for n in layers}
         if not any(np.any(quantized_kernel(n, attrs[n.name]) != n.weight.const) for n in layers):
-            return PassResult(graph, False, {"corrected": 0, "reason": "no kernel changes under quantization"})
+            return PassResult(graph, False, {"corrected": 0}, [Skip(None, "no kernel changes under quantization")])
         ref = channel_moments(graph, ctx, [n.output.name for n in layers])
         work = graph.copy()
-        for n in work.find(*LAYER_OPS):
+        for n in work.find(*WEIGHTED_OPS):
             n.weight_quant = attrs[n.name]
         shifts: Dict[str, float] = {}
         for layer in layers:
@@ -170,6 +152,7 @@ class CorrectBias(Pass):
             shifts[layer.name] = float(np.max(np.abs(err)))
         graph.remove_unused()
         worst = max(shifts, key=shifts.get)
-        return PassResult(graph, True, {"corrected": len(shifts), "mode": "sequential", "weights": self.weights,
-                                        "bits": self.bits, "largest_shift": {worst: shifts[worst]},
+        return PassResult(graph, True, {"corrected": len(shifts), "mode": "sequential",
+                                        "weights": self.option(ctx, "weights"), "bits": self.option(ctx, "bits"),
+                                        "largest_shift": {worst: shifts[worst]},
                                         "max_abs_shift": shifts})

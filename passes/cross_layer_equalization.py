@@ -1,8 +1,9 @@
 """Cross-layer equalization of consecutive layers (Nagel et al., arXiv 1906.04721; maths in
 :mod:`qfrewrite.numerics.equalization`).
 
-For layer 1 feeding layer 2 through a single-reader chain of ``Relu``, ``Clip(0, hi)``, per-channel ``Minimum`` and
-zero ``Pad`` (and pools, ``GlobalMean``, channel-keeping reshapes), output channel ``i`` of layer 1 (weights and
+For layer 1 feeding layer 2 through a single-reader chain of positively homogeneous ops (``Relu``, ``Clip(0, hi)``,
+per-channel ``Minimum``, zero ``Pad``, pools, ``GlobalMean``, channel-keeping reshapes:
+:func:`qfrewrite.ir.is_positively_homogeneous` with rescaled bounds), output channel ``i`` of layer 1 (weights and
 bias) is divided by ``s_i`` and input channel ``i`` of layer 2 multiplied by ``s_i``, ``s_i = sqrt(r1_i / r2_i)``.
 Pairs: depthwise -> pointwise, pointwise -> depthwise, conv -> depthwise, conv -> conv, conv -> (pool) -> classifier.
 Every pair is equalized in turn and the sweep repeated until no scale moves by more than ``tol`` (relative) or
@@ -13,7 +14,8 @@ ReLU6 is not positively homogeneous: ``ReLU6(x) / s = min(ReLU(x / s), 6 / s)``.
 * ``clip="exact"`` rewrites ``Clip(0, hi)`` as ``Relu`` + ``Minimum`` with the per-channel constant ``hi / s`` (the
   float function is unchanged; TFLite runs MINIMUM with a per-channel constant, float and int8);
 * ``clip="relu"`` rewrites it as ``Relu`` (not exact: the function changes wherever an activation exceeded ``hi``;
-  on TF-slim MobileNetV1 ReLU6 -> ReLU everywhere cost 13 points of float top-1, so prefer "exact" there).
+  on TF-slim MobileNetV1 ReLU6 -> ReLU everywhere cost 13 points of float top-1, so prefer "exact" there);
+* ``clip=None`` (the default) takes the choice for the pipeline's quantization spec (``"exact"``).
 
 Activation guard (``act_guard=True``): dividing channel ``i`` by ``s_i < 1`` multiplies its activations by
 ``1/s_i``, which can widen the per-tensor activation range of the tensor between the layers (on TF-slim MobileNetV1
@@ -24,33 +26,46 @@ data, the chain's clip ``hi`` where it has one), so no channel leaves the tensor
 Never scaled: dead and constant channels (static analysis, weights below ``zero_tol`` of the layer's largest),
 channels whose range is below ``min_range`` times their layer's median; no channel's cumulative scale over all
 sweeps leaves ``[1/max_scale, max_scale]``. Left alone: pairs joined through a node with several readers (a
-residual ``Add`` between them, a graph output) or through any other op; they are listed in ``stats["unpaired"]``.
+residual ``Add`` between them, a graph output) or through any other op; each is a skip with the reason. A layer's
+:class:`~qfrewrite.ir.FoldedBatchNorm` record is divided by its scales (it stays the factor between the kernel and its
+pre-BatchNorm values).
+
+Contract: requires ``BN_FOLDED`` (a pair cannot be joined through a BatchNorm); ensures ``EQUALIZED``; cannot run
+once the weights are final or quantized.
 """
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import List, Optional
 
 import numpy as np
 
+from qfrewrite.analysis.constant_channels import constant_channels
+from qfrewrite.analysis.moments import channel_moments
+from qfrewrite.contracts import Property
 from qfrewrite.errors import QfrewriteError
-from qfrewrite.ir import ClipAttrs, Graph, Node, Op
+from qfrewrite.ir import (WEIGHTED_OPS, Graph, Node, Op, const_operand, is_positively_homogeneous, layer_kind,
+                          record_output_scaling, set_bias, set_kernel, walk_chain)
 from qfrewrite.numerics.equalization import equalization_scales
 from qfrewrite.numerics.kernels import in_absmax, out_absmax, scale_in, scale_out
-from qfrewrite.pass_infra import Context, Pass, PassResult
-
-from ._constants import constant_channels
-from ._layers import const_operand, kind_of, set_bias, set_kernel, walk_chain
+from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
+from qfrewrite.spec import QuantSpec
 
 __all__ = ["CrossLayerEqualization"]
 
 log = logging.getLogger(__name__)
 
 _CLIPS = ("exact", "relu")
-#: positively homogeneous, channel-wise ops a pair may be joined through (Clip and Minimum rescaled)
-_CHAIN_OPS = (Op.RELU, Op.CLIP, Op.MINIMUM, Op.PAD, Op.AVG_POOL, Op.MAX_POOL, Op.GLOBAL_MEAN, Op.RESHAPE,
-              Op.FLATTEN)
+
+
+def clip_for(spec: QuantSpec) -> str:
+    """How equalization treats ReLU6 under ``spec``: ``"exact"`` (a per-channel clip) for every target."""
+    return "exact"
+
+
+def _chain_op(node: Node) -> bool:
+    return is_positively_homogeneous(node, rescaling_bounds=True)
 
 
 @dataclass
@@ -75,9 +90,13 @@ def _relu_for(graph: Graph, node: Node) -> Node:
 class CrossLayerEqualization(Pass):
     """Equalize per-channel weight ranges of consecutive layers."""
 
-    def __init__(self, clip: str = "exact", max_iter: int = 50, tol: float = 1e-3, min_range: float = 1e-3,
+    requires = frozenset({Property.BN_FOLDED})
+    ensures = frozenset({Property.EQUALIZED})
+    forbids = frozenset({Property.WEIGHTS_FINAL, Property.QUANTIZED})
+
+    def __init__(self, clip: Optional[str] = None, max_iter: int = 50, tol: float = 1e-3, min_range: float = 1e-3,
                  max_scale: float = 1e3, zero_tol: float = 1e-8, act_guard: bool = True):
-        if clip not in _CLIPS:
+        if clip is not None and clip not in _CLIPS:
             raise QfrewriteError(f"CrossLayerEqualization clip must be one of {_CLIPS}, got {clip!r}")
         if not 1 <= int(max_iter) <= 10000:
             raise QfrewriteError(f"max_iter must be in 1..10000, got {max_iter}")
@@ -85,21 +104,24 @@ class CrossLayerEqualization(Pass):
         self.min_range, self.max_scale, self.zero_tol = float(min_range), float(max_scale), float(zero_tol)
         self.act_guard = bool(act_guard)
 
+    def _clip(self, ctx: Optional[Context]) -> str:
+        return self.clip if self.clip is not None else clip_for(ctx.spec if ctx is not None else QuantSpec())
+
     @property
     def exact(self) -> bool:  # type: ignore[override]
-        return self.clip == "exact"
+        return self._clip(None) == "exact"
 
     def __repr__(self) -> str:
         return (f"CrossLayerEqualization(clip={self.clip!r}, max_iter={self.max_iter}, tol={self.tol}, "
                 f"act_guard={self.act_guard})")
 
-    def _pairs(self, graph: Graph, unpaired: Dict[str, str]) -> List[_Pair]:
+    def _pairs(self, graph: Graph, unpaired: List[Skip]) -> List[_Pair]:
         consts = constant_channels(graph, self.zero_tol)
         pairs = []
         for layer in graph.find(Op.CONV2D, Op.DEPTHWISE_CONV2D):
-            res = walk_chain(layer, _CHAIN_OPS, (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE))
+            res = walk_chain(layer, _chain_op, WEIGHTED_OPS, "positively homogeneous")
             if isinstance(res, str):
-                unpaired[layer.name] = res
+                unpaired.append(Skip(layer.name, res))
                 continue
             chain, second = res
             c = layer.output.shape[-1]
@@ -111,11 +133,12 @@ class CrossLayerEqualization(Pass):
         return pairs
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
-        unpaired: Dict[str, str] = {}
+        unpaired: List[Skip] = []
         pairs = self._pairs(graph, unpaired)
+        clip = self._clip(ctx)
         if not pairs:
-            return PassResult(graph, False, {"pairs": 0, "unpaired": unpaired,
-                                             "reason": "no pair of layers joined by a single-reader chain"})
+            return PassResult(graph, False, {"pairs": 0},
+                              unpaired + [Skip(None, "no pair of layers joined by a single-reader chain")])
         if self.act_guard:
             self._activation_floors(graph, ctx, pairs)
         kernels = {}
@@ -129,7 +152,7 @@ class CrossLayerEqualization(Pass):
             moved = 0.0
             for p in pairs:
                 k1, k2 = kernels[p.first.name], kernels[p.second.name]
-                s = equalization_scales(out_absmax(k1, kind_of(p.first)), in_absmax(k2, kind_of(p.second)),
+                s = equalization_scales(out_absmax(k1, layer_kind(p.first)), in_absmax(k2, layer_kind(p.second)),
                                         self.min_range, self.max_scale, np.flatnonzero(p.frozen))
                 prev = 1.0 if p.scale is None else p.scale
                 s = np.clip(s, 1.0 / (self.max_scale * prev), self.max_scale / prev)
@@ -137,16 +160,16 @@ class CrossLayerEqualization(Pass):
                     s = np.maximum(s, p.floor / prev)
                 moved = max(moved, float(np.max(np.abs(np.log(s)))))
                 kernels[p.first.name], biases[p.first.name] = scale_out(k1, biases[p.first.name], s,
-                                                                        kind_of(p.first))
-                kernels[p.second.name] = scale_in(k2, s, kind_of(p.second))
+                                                                        layer_kind(p.first))
+                kernels[p.second.name] = scale_in(k2, s, layer_kind(p.second))
                 p.scale = s if p.scale is None else p.scale * s
             if moved < self.tol:
                 break
         # kernels and biases were scaled in float64 throughout: rounded to float32 once, here
         changed = [p for p in pairs if np.any(np.abs(np.log(p.scale)) > 0)]
         if not changed:
-            return PassResult(graph, False, {"pairs": len(pairs), "unpaired": unpaired, "sweeps": sweeps,
-                                             "reason": "every channel was guarded or already equalized"})
+            return PassResult(graph, False, {"pairs": len(pairs), "sweeps": sweeps},
+                              unpaired + [Skip(None, "every channel was guarded or already equalized")])
         touched = set()
         for p in changed:
             touched.update((p.first.name, p.second.name))
@@ -157,28 +180,29 @@ class CrossLayerEqualization(Pass):
                 set_bias(graph, node, biases[name], "cle")
         converted = []
         for p in changed:
-            converted += self._rescale_chain(graph, p)
+            record_output_scaling(p.first, 1.0 / p.scale)
+            if p.second.op is Op.DEPTHWISE_CONV2D:  # its input channel i is its output channels i*M .. i*M+M-1
+                record_output_scaling(p.second, np.repeat(p.scale, p.second.weight.const.shape[3]))
+            converted += self._rescale_chain(graph, p, clip)
         graph.remove_unused()
         scales = np.concatenate([p.scale for p in changed])
         stats = {"pairs": len(pairs), "equalized": len(changed), "sweeps": sweeps, "converged": moved < self.tol,
                  "last_move": moved, "max_scale": float(scales.max()), "min_scale": float(scales.min()),
-                 "guarded_channels": int(sum(p.frozen.sum() for p in pairs)), "unpaired": unpaired,
+                 "guarded_channels": int(sum(p.frozen.sum() for p in pairs)), "clip": clip,
                  "clips_rewritten": converted}
-        if self.clip == "relu" and converted:
+        if clip == "relu" and converted:
             stats["warning"] = (f"clip='relu': {len(converted)} ReLU6/Clip turned into ReLU; not exact wherever an "
                                 f"activation exceeded its clip")
             log.warning(stats["warning"])
         if moved >= self.tol:
             log.warning("CrossLayerEqualization stopped after %d sweeps (last move %.3g > tol %.3g)", sweeps, moved,
                         self.tol)
-        return PassResult(graph, True, stats)
+        return PassResult(graph, True, stats, unpaired)
 
     @staticmethod
     def _activation_floors(graph: Graph, ctx: Context, pairs: List[_Pair]) -> None:
         """Per pair, the lowest cumulative scale that keeps each channel inside the tensor's range."""
         if ctx.data is not None:
-            from ._activations import channel_moments
-
             moments = channel_moments(graph, ctx, [v for p in pairs for v in _between(p)])
         else:
             moments = None
@@ -198,7 +222,7 @@ class CrossLayerEqualization(Pass):
             if top > 0:
                 p.floor = a / top
 
-    def _rescale_chain(self, graph: Graph, p: _Pair) -> List[str]:
+    def _rescale_chain(self, graph: Graph, p: _Pair, clip: str) -> List[str]:
         """Carry ``1/s`` through the chain: per-channel clips divided by ``s``."""
         s = p.scale
         converted = []
@@ -212,7 +236,7 @@ class CrossLayerEqualization(Pass):
                 hi = node.attrs.hi
                 relu = _relu_for(graph, node)
                 out = relu
-                if hi is not None and self.clip == "exact":
+                if hi is not None and clip == "exact":
                     out = graph.add_node(Op.MINIMUM, [relu.output, graph.const((hi / s).astype(np.float32),
                                                                                 name=node.name + "/clip_cle")],
                                          name=node.name + "/min", meta=dict(node.meta))

@@ -35,9 +35,14 @@ Activation ranges come from one streaming pass of the observers (:mod:`qfrewrite
 method (``activations``: ``mse`` default, ``minmax``, ``percentile``, ``kl``); graph inputs and outputs always use
 min/max (clipping the extreme logits would merge the top classes). Every range has an integer zero point.
 
+**Options** are statements of the pipeline's :class:`~qfrewrite.spec.QuantSpec`: ``weights`` (granularity),
+``weight_method``, ``bits`` (activation bits) and ``activations`` (range method) given here must agree with every
+other pass's; the ones left out come from the spec, so CorrectBias and this pass always apply the same ``W_q``.
+
 Not exact (the pass manager reports the drift of the simulated int8 function). Needs calibration data
 (:class:`~qfrewrite.errors.DataError` otherwise). A graph that already holds FakeQuant nodes is left alone
-(``modified=False`` with the reason).
+(``modified=False`` with the reason). Contract: ensures ``QUANTIZED`` and ``WEIGHTS_FINAL``; with
+``rounding="learned"`` in the spec it requires ``WEIGHTS_ROUNDED`` (a rounding pass before it).
 """
 from __future__ import annotations
 
@@ -46,22 +51,22 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from qfrewrite.contracts import Contract, Property
 from qfrewrite.errors import QfrewriteError
-from qfrewrite.ir import ClipAttrs, ConvAttrs, FakeQuantAttrs, Graph, Node, Op, ReshapeAttrs, Value
-from qfrewrite.numerics.batchnorm import bn_scale_shift
+from qfrewrite.ir import (WEIGHTED_OPS, ClipAttrs, ConvAttrs, FakeQuantAttrs, Graph, Node, Op, ReshapeAttrs, bn_affine, const_operand, is_graph_output, sole_reader)
 from qfrewrite.numerics.ranges import ACTIVATION_METHODS
-from qfrewrite.pass_infra import Context, Pass, PassResult
+from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
 from qfrewrite.quant.observers import activation_stats
 from qfrewrite.quant.ranges import activation_range
 from qfrewrite.quant.weights import GRANULARITIES, WEIGHT_METHODS, weight_quant_attrs
+from qfrewrite.spec import QuantSpec
 
 __all__ = ["InsertFakeQuant", "quantization_points"]
 
 log = logging.getLogger(__name__)
 
-_LAYERS = (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE)
 #: ops the converter fuses a following ReLU / ReLU6 into
-_FUSING = (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE, Op.ADD)
+_FUSING = WEIGHTED_OPS | {Op.ADD}
 #: ops that TFLite runs at their input's scale
 _SAME_SCALE = (Op.PAD, Op.MAX_POOL, Op.AVG_POOL, Op.RESHAPE, Op.FLATTEN)
 #: ops with a fixed int8 output range
@@ -76,10 +81,6 @@ def _fusable_activation(node: Node) -> bool:
     return node.op is Op.CLIP and node.attrs.lo == 0.0 and (node.attrs.hi is None or node.attrs.hi == 6.0)
 
 
-def _is_output(v: Value) -> bool:
-    return any(v is o for o in v.graph.outputs)
-
-
 def quantization_points(graph: Graph) -> List[str]:
     """Names of the values that get a FakeQuant, in topological order (see the module docstring)."""
     points = [v.name for v in graph.inputs]
@@ -87,9 +88,9 @@ def quantization_points(graph: Graph) -> List[str]:
         v = node.output
         if node.op in _SAME_SCALE or node.op is Op.FAKE_QUANT:
             continue
-        if node.op in _FUSING and not _is_output(v):
-            readers = v.uses()
-            if len(readers) == 1 and _fusable_activation(readers[0][0]):
+        if node.op in _FUSING:
+            reader = sole_reader(v)
+            if reader is not None and _fusable_activation(reader):
                 continue
         points.append(v.name)
     return points
@@ -107,52 +108,55 @@ def _output_sources(graph: Graph) -> set:
     return out
 
 
-def _const_pair(node: Node) -> Tuple[Optional[Value], Optional[Value]]:
-    a, b = node.inputs[0], node.inputs[1]
-    if b.is_const and not a.is_const:
-        return a, b
-    if a.is_const and not b.is_const:
-        return b, a
-    return None, None
-
-
 class InsertFakeQuant(Pass):
     """Calibrate and insert FakeQuant on activations and weight fake-quantization on every kernel."""
 
     exact = False
+    needs_data = True
+    ensures = frozenset({Property.QUANTIZED, Property.WEIGHTS_FINAL})
+    spec_options = {"weights": "weights", "activations": "activations", "bits": "activation_bits",
+                    "weight_method": "weight_method"}
 
-    def __init__(self, weights: str = "per_channel", activations: str = "mse", bits: int = 8,
-                 weight_method: str = "minmax", percentile: float = 99.99, saturation_weight: float = 1.0):
-        if weights not in GRANULARITIES:
+    def __init__(self, weights: Optional[str] = None, activations: Optional[str] = None, bits: Optional[int] = None,
+                 weight_method: Optional[str] = None, percentile: float = 99.99, saturation_weight: float = 1.0):
+        if weights is not None and weights not in GRANULARITIES:
             raise QfrewriteError(f"InsertFakeQuant weights must be one of {GRANULARITIES}, got {weights!r}")
-        if activations not in ACTIVATION_METHODS:
+        if activations is not None and activations not in ACTIVATION_METHODS:
             raise QfrewriteError(f"InsertFakeQuant activations must be one of {ACTIVATION_METHODS}, "
                                  f"got {activations!r}")
-        if weight_method not in WEIGHT_METHODS:
+        if weight_method is not None and weight_method not in WEIGHT_METHODS:
             raise QfrewriteError(f"InsertFakeQuant weight_method must be one of {WEIGHT_METHODS}, "
                                  f"got {weight_method!r}")
-        if int(bits) != 8:
+        if bits is not None and int(bits) != 8:
             raise QfrewriteError(f"InsertFakeQuant supports bits=8 (the TFLite int8 kernels), got {bits}")
-        self.weights, self.activations, self.bits = weights, activations, int(bits)
+        self.weights, self.activations = weights, activations
+        self.bits = None if bits is None else int(bits)
         self.weight_method, self.percentile = weight_method, float(percentile)
         self.saturation_weight = float(saturation_weight)
 
+    def contract(self, spec: QuantSpec) -> Contract:
+        c = super().contract(spec)
+        if spec.rounding == "learned":
+            c = Contract(c.requires | {Property.WEIGHTS_ROUNDED}, c.ensures, c.forbids)
+        return c
+
     def __repr__(self) -> str:
-        return (f"InsertFakeQuant(weights={self.weights!r}, activations={self.activations!r}, bits={self.bits}, "
-                f"weight_method={self.weight_method!r})")
+        opts = [f"{k}={getattr(self, k)!r}" for k in ("weights", "activations", "bits", "weight_method")
+                if getattr(self, k) is not None]
+        return f"InsertFakeQuant({', '.join(opts)})"
 
     # -- exact structural rewrites -------------------------------------------------------------------------------
-    def _dense_as_conv(self, graph: Graph) -> List[str]:
+    def _dense_as_conv(self, graph: Graph, weights: str, method: str, bits: int) -> List[str]:
         done = []
         for node in graph.find(Op.DENSE):
             wq = node.weight_quant
-            if (wq is None and self.weights != "per_channel") or (wq is not None and not wq.per_channel):
+            if (wq is None and weights != "per_channel") or (wq is not None and not wq.per_channel):
                 continue
             x = node.inputs[0]
             if len(x.shape) not in (2, 4):
                 log.warning("Dense %s on a rank-%d input keeps per-tensor weights (per-channel needs a 1x1 conv)",
                             node.name, len(x.shape))
-                node.weight_quant = weight_quant_attrs(node, "per_tensor", self.weight_method, self.bits)
+                node.weight_quant = weight_quant_attrs(node, "per_tensor", method, bits)
                 continue
             c, out = node.weight.const.shape
             y = x
@@ -164,6 +168,7 @@ class InsertFakeQuant(Pass):
             conv = graph.add_node(Op.CONV2D, ins, ConvAttrs(), name=node.name + "/as_conv",
                                   meta={**node.meta, "source_name": node.source_name, "from_dense": True})
             conv.weight_quant = node.weight_quant
+            conv.folded_bn = node.folded_bn
             y = conv.output
             if len(x.shape) == 2:
                 y = graph.add_node(Op.RESHAPE, [y], ReshapeAttrs((out,)), name=node.name + "/flatten").output
@@ -177,8 +182,7 @@ class InsertFakeQuant(Pass):
         for node in graph.find(Op.BATCH_NORM, Op.NORMALIZE):
             c = node.inputs[0].shape[-1]
             if node.op is Op.BATCH_NORM:
-                gamma, beta, mean, var = (v.const for v in node.inputs[1:5])
-                scale, shift, _ = bn_scale_shift(gamma, beta, mean, var, node.attrs.epsilon)
+                scale, shift, _ = bn_affine(node)
             else:
                 scale = np.asarray(node.attrs.scale, np.float64)
                 shift = np.asarray(node.attrs.offset, np.float64)
@@ -199,7 +203,7 @@ class InsertFakeQuant(Pass):
     def _fit_biases(self, graph: Graph) -> Dict[str, List[int]]:
         """Widen weight ranges whose int32 bias would overflow; returns ``{layer: [channels]}``."""
         out: Dict[str, List[int]] = {}
-        for node in graph.find(*_LAYERS):
+        for node in graph.find(*WEIGHTED_OPS):
             fq, bias = node.weight_quant, node.bias
             v = node.inputs[0]
             while v.producer is not None and v.producer.op in _SAME_SCALE:
@@ -242,15 +246,18 @@ class InsertFakeQuant(Pass):
     # -- the pass ------------------------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         if graph.find(Op.FAKE_QUANT):
-            return PassResult(graph, False, {"reason": "the graph already holds FakeQuant nodes"})
+            return PassResult(graph, False, {}, [Skip(None, "the graph already holds FakeQuant nodes")])
         ctx.require_data(self.name)
-        stats: Dict = {"weights": self.weights, "activations": self.activations, "bits": self.bits}
+        weights, method = self.option(ctx, "weights"), self.option(ctx, "weight_method")
+        bits, activations = self.option(ctx, "bits"), self.option(ctx, "activations")
+        weight_bits = ctx.spec.weight_bits
+        stats: Dict = {"weights": weights, "activations": activations, "bits": bits}
         rewritten = self._affine_as_mul_add(graph) + self._hard_sigmoid_as_ops(graph)
         if rewritten:
             log.info("rewrote %d BatchNorm/Normalize/HardSigmoid nodes as Mul/Add/Clip (run FoldBatchNorm first to "
                      "fold BatchNorm into the layers)", len(rewritten))
             stats["rewritten_as_elementwise"] = rewritten
-        dense = self._dense_as_conv(graph)
+        dense = self._dense_as_conv(graph, weights, method, weight_bits)
         if dense:
             stats["dense_as_conv"] = dense
         if rewritten or stats.get("dense_as_conv"):
@@ -258,9 +265,9 @@ class InsertFakeQuant(Pass):
 
         # weights
         n_weights = 0
-        for node in graph.find(*_LAYERS):
+        for node in graph.find(*WEIGHTED_OPS):
             if node.weight_quant is None:
-                node.weight_quant = weight_quant_attrs(node, self.weights, self.weight_method, self.bits)
+                node.weight_quant = weight_quant_attrs(node, weights, method, weight_bits)
                 n_weights += 1
 
         # activations
@@ -272,32 +279,32 @@ class InsertFakeQuant(Pass):
         for name in points:
             producer = graph.value(name).producer
             if producer is not None and producer.op in _FIXED_OUTPUT:
-                q = 2.0 ** self.bits
+                q = 2.0 ** bits
                 ranges[name] = (0.0, (q - 1.0) / q)
                 continue
-            method = "minmax" if (name in inputs or name in outputs) else self.activations
-            ranges[name] = activation_range(observed[name], method, self.bits, percentile=self.percentile,
+            how = "minmax" if (name in inputs or name in outputs) else activations
+            ranges[name] = activation_range(observed[name], how, bits, percentile=self.percentile,
                                             saturation_weight=self.saturation_weight)
         # ops that TFLite runs with their inputs at the output's scale: the inputs take the output's range
         for node in graph.find(Op.MINIMUM, Op.CONCAT):
             if node.op is Op.MINIMUM:
-                x, _ = _const_pair(node)
+                x, _ = const_operand(node)
                 tied = [] if x is None else [x]
             else:
                 tied = [v for v in node.inputs if not v.is_const]
             for x in tied:
-                if x.name in ranges and node.output.name in ranges and len(x.uses()) == 1 and not _is_output(x):
+                if x.name in ranges and node.output.name in ranges and sole_reader(x) is node:
                     ranges[x.name] = ranges[node.output.name]
         for name in points:
             v = graph.value(name)
             lo, hi = ranges[name]
             base = v.producer.name if v.producer is not None else v.name
-            attrs = FakeQuantAttrs(lo=(float(lo),), hi=(float(hi),), bits=self.bits, narrow_range=False, axis=None)
+            attrs = FakeQuantAttrs(lo=(float(lo),), hi=(float(hi),), bits=bits, narrow_range=False, axis=None)
             users = v.uses()
             fq = graph.add_node(Op.FAKE_QUANT, [v], attrs, name=f"{base}/fake_quant")
             for node, i in users:
                 node.set_input(i, fq.output)
-            if _is_output(v):
+            if is_graph_output(v):
                 graph.outputs = [fq.output if o is v else o for o in graph.outputs]
         widened = self._fit_biases(graph)
         if widened:

@@ -9,15 +9,18 @@ reports the measured drift.
 ``scope``: ``"pointwise"`` (after Conv2D with a 1x1 kernel and after Dense), ``"depthwise"`` (after
 DepthwiseConv2D), ``"all"`` (every ``Clip(0, 6)``). The producing layer is looked up through an unfolded BatchNorm.
 Left alone: clips with other bounds, and clips after other ops (outside ``"all"``).
+
+Contract: cannot run once the graph is quantized (the activation ranges were calibrated on the clipped function).
 """
 from __future__ import annotations
 
 import logging
 from typing import List, Optional
 
+from qfrewrite.contracts import Property
 from qfrewrite.errors import QfrewriteError
 from qfrewrite.ir import Graph, Node, Op
-from qfrewrite.pass_infra import Context, Pass, PassResult
+from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
 
 __all__ = ["ReLU6ToReLU"]
 
@@ -49,6 +52,7 @@ class ReLU6ToReLU(Pass):
     """Turn ``Clip(0, 6)`` into ``Relu`` after the layers of ``scope``."""
 
     exact = False
+    forbids = frozenset({Property.QUANTIZED})
 
     def __init__(self, scope: str = "pointwise"):
         if scope not in _SCOPES:
@@ -68,8 +72,7 @@ class ReLU6ToReLU(Pass):
             graph.remove_node(clip)
             replaced.append(clip.name)
         stats = {"replaced": len(replaced), "nodes": replaced, "scope": self.scope}
-        if not replaced:
-            stats["reason"] = f"no ReLU6 in scope {self.scope!r}"
-        else:
+        if replaced:
             stats["note"] = "not exact: activations above 6 are no longer clipped (see the drift)"
-        return PassResult(graph, bool(replaced), stats)
+        skipped = [] if replaced else [Skip(None, f"no ReLU6 in scope {self.scope!r}")]
+        return PassResult(graph, bool(replaced), stats, skipped)

@@ -16,25 +16,27 @@ MobileNetV2 83.6 -> 0.2, Keras MobileNetV1 0.25 59.2 -> 0.2). Fine-tune the resu
 Where the BN affine comes from:
 
 * an unfolded ``BatchNorm`` between the depthwise conv and the clip;
-* a BatchNorm folded by :class:`FoldBatchNorm` (its scale is kept in ``meta["bn_scale"]``): unfolded from the kernel;
+* a BatchNorm folded by :class:`FoldBatchNorm` (the layer's :class:`~qfrewrite.ir.FoldedBatchNorm` record, kept true
+  through equalization): unfolded from the kernel;
 * a depthwise conv whose BN was folded in the source file (scale unknown): only its bias moves forward.
 
-Left alone: depthwise convs whose output has several readers, that are not followed by ``Clip(0, hi)``/``Relu``
-and a padding-free Conv2D, or where the BN scale is 0 (the natural kernel cannot be recovered).
+Left alone, each a skip with the reason: depthwise convs whose output has several readers, that are not followed by
+``Clip(0, hi)``/``Relu`` and a padding-free Conv2D, or where the BN scale is 0 (the natural kernel cannot be
+recovered).
+
+Contract: cannot run once the weights are final or the graph quantized.
 """
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+from typing import List
 
 import numpy as np
 
-from qfrewrite.ir import Graph, Node, Op
-from qfrewrite.numerics.batchnorm import bn_scale_shift
+from qfrewrite.contracts import Property
+from qfrewrite.ir import Graph, Node, Op, bn_affine, padding_free, set_bias, set_kernel, sole_reader_or_reason
 from qfrewrite.numerics.kernels import const_input_bias, scale_in
-from qfrewrite.pass_infra import Context, Pass, PassResult
-
-from ._layers import only_reader, padding_free, set_bias, set_kernel
+from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
 
 __all__ = ["RemoveDepthwiseBNReLU6"]
 
@@ -49,22 +51,23 @@ class RemoveDepthwiseBNReLU6(Pass):
     """Depthwise conv without BN and ReLU6: BN affine moved into the following pointwise conv."""
 
     exact = False
+    forbids = frozenset({Property.WEIGHTS_FINAL, Property.QUANTIZED})
 
     def _match(self, dw: Node):
         """``(bn or None, clip, pointwise)`` or a reason."""
-        nxt = only_reader(dw.output)
+        nxt = sole_reader_or_reason(dw.output)
         if isinstance(nxt, str):
             return f"output {nxt}"
         bn = None
         if nxt.op is Op.BATCH_NORM:
             bn = nxt
-            nxt = only_reader(bn.output)
+            nxt = sole_reader_or_reason(bn.output)
             if isinstance(nxt, str):
                 return f"BatchNorm output {nxt}"
         if not (nxt.op is Op.RELU or (nxt.op is Op.CLIP and nxt.attrs.lo == 0.0)):
             return f"followed by {nxt.op.value}, not ReLU6"
         clip = nxt
-        pw = only_reader(clip.output)
+        pw = sole_reader_or_reason(clip.output)
         if isinstance(pw, str):
             return f"activation output {pw}"
         if pw.op not in (Op.CONV2D, Op.DENSE) or pw.inputs[0] is not clip.output:
@@ -75,30 +78,31 @@ class RemoveDepthwiseBNReLU6(Pass):
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         done: List[str] = []
-        skipped: Dict[str, str] = {}
+        skipped: List[Skip] = []
         bias_only: List[str] = []
         for dw in graph.find(Op.DEPTHWISE_CONV2D):
             m = self._match(dw)
             if isinstance(m, str):
-                skipped[dw.name] = m
+                skipped.append(Skip(dw.name, m))
                 continue
             bn, clip, pw = m
             k = dw.weight.const.astype(np.float64)
             b = dw.bias.const.astype(np.float64) if dw.bias is not None else np.zeros(k.shape[2] * k.shape[3])
             if bn is not None:
-                gamma, beta, mean, var = (v.const for v in bn.inputs[1:5])
-                s, t, bad = bn_scale_shift(gamma, beta, mean, var, bn.attrs.epsilon)
+                s, t, bad = bn_affine(bn)
                 if bad.any():
-                    skipped[dw.name] = f"BatchNorm {bn.name} has zero variance + eps in channels {np.flatnonzero(bad)}"
+                    skipped.append(Skip(dw.name, f"BatchNorm {bn.name} has zero variance + eps in channels "
+                                                 f"{np.flatnonzero(bad).tolist()}"))
                     continue
                 shift = s * b + t  # y = s * (conv + b) + t
                 natural = k
             else:
-                s = np.asarray(dw.meta.get("bn_scale", np.ones_like(b)), np.float64)
-                if "bn_scale" not in dw.meta:
+                s = (np.ones_like(b) if dw.folded_bn is None else np.asarray(dw.folded_bn.scale, np.float64))
+                if dw.folded_bn is None:
                     bias_only.append(dw.name)
                 if np.any(s == 0) or not np.all(np.isfinite(s)):
-                    skipped[dw.name] = "folded BatchNorm scale is 0 in some channel: natural kernel unknown"
+                    skipped.append(Skip(dw.name, "folded BatchNorm scale is 0 in some channel: natural kernel "
+                                                 "unknown"))
                     continue
                 natural = k / s.reshape(k.shape[2], k.shape[3])
                 shift = b
@@ -110,17 +114,17 @@ class RemoveDepthwiseBNReLU6(Pass):
             set_kernel(graph, dw, natural, "natural")
             if dw.bias is not None:
                 set_bias(graph, dw, np.zeros_like(b), "qualcomm")
-            dw.meta.pop("bn_scale", None)
+            dw.folded_bn = None
             if bn is not None:
                 graph.bypass(bn)
             graph.bypass(clip)
             done.append(dw.name)
         if done:
             graph.remove_unused()
-        stats = {"rewritten": len(done), "layers": done, "skipped": skipped, "bias_only": bias_only}
+        stats = {"rewritten": len(done), "layers": done, "bias_only": bias_only}
         if done:
             stats["warning"] = WARNING
             log.warning("RemoveDepthwiseBNReLU6: %s", WARNING)
         else:
-            stats["reason"] = "no depthwise conv followed by BN/ReLU6 and a pointwise conv"
-        return PassResult(graph, bool(done), stats)
+            skipped.append(Skip(None, "no depthwise conv followed by BN/ReLU6 and a pointwise conv"))
+        return PassResult(graph, bool(done), stats, skipped)

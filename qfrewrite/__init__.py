@@ -13,11 +13,13 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of user output
 
 from .api import Result, load, rewrite  # noqa: E402
-from .errors import (DataError, EmitError, GraphError, ModelLoadError, PassError, QfrewriteError,  # noqa: E402
+from .errors import (ContractError, DataError, EmitError, GraphError, ModelLoadError, PassError,  # noqa: E402
+                     PipelineOrderError, PostconditionError, PreconditionError, QfrewriteError, SpecConflictError,
                      UnsupportedOpError, VerificationError)
 from .evaluate import evaluate  # noqa: E402
 from .ir import Graph, Node, Op, Value  # noqa: E402
-from .pass_infra import Context, Pass, PassManager, PassResult  # noqa: E402
+from .pass_infra import Context, Pass, PassManager, PassResult, Skip  # noqa: E402
+from .spec import QuantSpec  # noqa: E402
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
@@ -25,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "rewrite", "load", "evaluate", "Result", "Graph", "Node", "Op", "Value", "Pass", "PassResult", "PassManager", "Context",
-    "QfrewriteError", "ModelLoadError", "UnsupportedOpError", "GraphError", "VerificationError", "PassError",
+    "Skip", "QuantSpec", "QfrewriteError", "ModelLoadError", "UnsupportedOpError", "GraphError", "VerificationError",
+    "PassError", "ContractError", "PipelineOrderError", "PreconditionError", "PostconditionError", "SpecConflictError",
     "DataError", "EmitError", "__version__",
 ]

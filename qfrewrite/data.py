@@ -1,6 +1,6 @@
-"""Calibration data: anything a user passes as ``data=`` becomes a :class:`CalibrationSet` of NHWC float32 batches.
+"""Calibration data as a :class:`CalibrationSet` of NHWC float32 batches.
 
-Accepted:
+:func:`qfrewrite.calibration.as_calibration_set` turns anything a user passes as ``data=`` into one. Accepted:
 
 * an image folder (a path, or a :class:`qfrewrite.images.ImageFolder` for options), read by :mod:`qfrewrite.images`
   with the chosen preprocessing preset;
@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["CalibrationSet", "as_calibration_set", "to_nhwc"]
+__all__ = ["CalibrationSet", "to_nhwc", "positive_limit"]
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +91,7 @@ class CalibrationSet:
 
 
 def _truncate(batches: List[np.ndarray], limit: int) -> List[np.ndarray]:
-    if int(limit) < 1:
-        raise DataError(f"data limit must be a positive number of images, got {limit}")
-    out, left = [], int(limit)
+    out, left = [], positive_limit(limit)
     for b in batches:
         if left <= 0:
             break
@@ -102,48 +100,8 @@ def _truncate(batches: List[np.ndarray], limit: int) -> List[np.ndarray]:
     return out
 
 
-def as_calibration_set(data, graph, batch_size: int = 32, preprocess=None,
-                       limit: Optional[int] = None) -> Optional[CalibrationSet]:
-    """Turn ``data`` into a :class:`CalibrationSet` that fits ``graph`` (``None`` stays ``None``)."""
-    if data is None:
-        return None
-    if isinstance(data, CalibrationSet):
-        data.check_fits(graph)
-        return data
-    layout = graph.meta.get("input_layout", "NHWC")
-    from .images import ImageFolder, load_image_folder
-
-    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__") or isinstance(data, ImageFolder):
-        if isinstance(data, bytes):
-            data = data.decode()
-        cs = load_image_folder(data, graph, preprocess=preprocess, batch_size=batch_size, limit=limit)
-        cs.check_fits(graph)
-        return cs
-    if isinstance(data, np.ndarray):
-        if not np.issubdtype(data.dtype, np.number) or data.dtype == np.bool_:
-            raise DataError(f"calibration array has dtype {data.dtype}; give numbers (float or integer pixels)")
-        if data.ndim == 0:
-            raise DataError("calibration data is a scalar; give an array of images (N, ...)")
-        if limit is not None:
-            data = data[:_positive(limit)]
-        x = to_nhwc(data.astype(np.float32, copy=False), layout)
-        cs = CalibrationSet([x[i:i + batch_size] for i in range(0, len(x), batch_size)], name="array")
-    else:
-        try:
-            batches = []
-            for b in data:
-                batches.append(to_nhwc(np.asarray(b, np.float32), layout))
-                if limit is not None and sum(len(x) for x in batches) >= _positive(limit):
-                    break
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"unsupported calibration data of type {type(data).__name__} ({exc}): give an image "
-                            "folder, a numpy array or an iterable of numpy batches") from None
-        cs = CalibrationSet(batches, name="batches", limit=limit)
-    cs.check_fits(graph)
-    return cs
-
-
-def _positive(limit) -> int:
+def positive_limit(limit) -> int:
+    """``limit`` as a positive int, or a :class:`DataError`."""
     if int(limit) < 1:
         raise DataError(f"data limit must be a positive number of images, got {limit}")
     return int(limit)

@@ -35,8 +35,13 @@ from typing import Any, Dict, List, Optional, Union
 
 from .analysis.channel_math import MIN_OUTLIER_RATIO
 from .analysis.channel_stats import ChannelStats, GraphChannelStats, LayerStats
+from .calibration import as_calibration_set
+from .importers import load
 from .io_utils import atomic_write_bytes
 from .ir import Op
+from .pass_infra import Context, ordered
+from .passes import CorrectBias, CrossLayerEqualization, FoldBatchNorm, FoldDeadChannels
+from .spec import QuantSpec
 
 __all__ = ["HURT_DB", "Diagnosis", "diagnose", "layer_suggestions"]
 
@@ -103,8 +108,10 @@ class Diagnosis:
         return self.stats.ranked()
 
     def suggestions(self) -> List[Dict[str, Any]]:
-        """The passes to try, in pipeline order, each with the layers (source names) it addresses."""
-        order = ["FoldBatchNorm", "FoldDeadChannels", "CrossLayerEqualization", "CorrectBias", "per-channel weights"]
+        """The passes to try, in the order their contracts put them, each with the layers (source names) it
+        addresses; per-channel weights (a spec choice, not a pass) last."""
+        order = [p.name for p in ordered([FoldBatchNorm(), FoldDeadChannels(), CrossLayerEqualization(),
+                                          CorrectBias()])] + ["per-channel weights"]
         layers: Dict[str, List[str]] = {k: [] for k in order}
         for ls in self.ranked():
             for s in layer_suggestions(ls):
@@ -118,10 +125,10 @@ class Diagnosis:
                                    "supports it (InsertFakeQuant(weights='per_channel'))",
         }
         out = []
-        if self.batchnorms:
-            out.append({"pass": "FoldBatchNorm", "why": why["FoldBatchNorm"], "layers": []})
-        for k in order[1:]:
-            if layers[k]:
+        for k in order:
+            if k == "FoldBatchNorm" and self.batchnorms:
+                out.append({"pass": k, "why": why[k], "layers": []})
+            elif layers[k]:
                 out.append({"pass": k, "why": why[k], "layers": layers[k]})
         return out
 
@@ -258,19 +265,19 @@ class Diagnosis:
         return self.render()
 
 
-def diagnose(model, data=None, *, preprocess=None, limit: Optional[int] = None, batch_size: int = 32,
-             bits: int = 8, inputs=None, outputs=None, input_shape=None) -> Diagnosis:
+def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=None, limit: Optional[int] = None,
+             batch_size: int = 32, bits: Optional[int] = None, inputs=None, outputs=None,
+             input_shape=None) -> Diagnosis:
     """Diagnose ``model`` (anything :func:`qfrewrite.load` reads, or a :class:`Graph`, which is copied).
 
     ``data`` (an image folder, an array or batches; ``preprocess`` and ``limit`` as in :func:`qfrewrite.rewrite`) adds
-    per-channel activation ranges from the streaming observers.
+    per-channel activation ranges from the streaming observers. ``spec`` is the quantization to diagnose for (its
+    weight bits; default 8); ``bits`` overrides the weight bit width (2..16, beyond what the int8 targets run).
     """
-    from .api import load
-    from .data import as_calibration_set
-    from .pass_infra import Context
-
     graph = load(model, inputs=inputs, outputs=outputs, input_shape=input_shape)
-    ctx = Context(data=as_calibration_set(data, graph, batch_size=batch_size, preprocess=preprocess, limit=limit))
+    bits = int(bits) if bits is not None else (spec or QuantSpec()).resolved().weight_bits
+    ctx = Context(data=as_calibration_set(data, graph, batch_size=batch_size, preprocess=preprocess, limit=limit),
+                  spec=spec)
     stats = ctx.analysis(ChannelStats(fold_bn=True, activations="always" if ctx.data is not None else "never",
                                       bits=bits), graph)
     source = graph.meta.get("source") or (str(model) if isinstance(model, (str, os.PathLike)) else graph.name)

@@ -12,6 +12,11 @@ __all__ = [
     "GraphError",
     "VerificationError",
     "PassError",
+    "ContractError",
+    "PipelineOrderError",
+    "PreconditionError",
+    "PostconditionError",
+    "SpecConflictError",
     "DataError",
     "EmitError",
 ]
@@ -47,6 +52,29 @@ class VerificationError(GraphError):
 
 class PassError(QfrewriteError):
     """A pass failed; the message names the pass and the passes that ran before it."""
+
+
+class ContractError(QfrewriteError):
+    """A pass's declared contract (what it requires, ensures and forbids) is broken by a pipeline or a graph."""
+
+
+class PipelineOrderError(ContractError):
+    """A pass list cannot run as given: a pass comes before the pass that establishes what it requires, after one
+    that establishes what it forbids, or needs calibration data that was not given. Raised before any work is done;
+    the message names the passes and the order that works."""
+
+
+class PreconditionError(ContractError):
+    """The graph does not satisfy what a pass requires (checked on the graph itself, just before the pass runs)."""
+
+
+class PostconditionError(ContractError):
+    """A pass returned a graph that does not satisfy what it declares to ensure."""
+
+
+class SpecConflictError(QfrewriteError):
+    """Two statements of the quantization spec disagree (two passes' options, or a pass and the spec given to
+    ``rewrite``); the message names both."""
 
 
 class DataError(QfrewriteError):

@@ -29,6 +29,7 @@ from typing import Callable, Optional, Union
 import numpy as np
 
 from .errors import DataError, QfrewriteError
+from .numerics.metrics import sqnr_db
 
 __all__ = ["evaluate", "EvalResult", "predict", "topk_accuracy", "sqnr_db"]
 
@@ -55,13 +56,6 @@ class EvalResult:
         if self.sqnr_db is not None:
             parts.append(f"SQNR {self.sqnr_db:.1f} dB  top-1 agreement {100 * self.top1_agreement:.2f}%")
         return ", ".join(parts)
-
-
-def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float:
-    """``10 log10(sum(ref**2) / sum((ref - out)**2))`` (inf when identical)."""
-    ref = np.asarray(reference, np.float64)
-    noise = float(np.sum((ref - np.asarray(output, np.float64)) ** 2))
-    return float("inf") if noise == 0 else 10.0 * np.log10(max(float(np.sum(ref ** 2)), 1e-30) / noise)
 
 
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1, offset: int = 0) -> float:

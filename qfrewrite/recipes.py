@@ -1,4 +1,5 @@
-"""Named pass lists for common goals. Each takes the InsertFakeQuant options and returns a list of passes::
+"""Named pipelines for common goals. Each returns a :class:`Recipe`: a list of passes that carries the quantization
+spec it was built for::
 
     from qfrewrite import recipes, rewrite
     result = rewrite(model, passes=recipes.dfq(weights="per_tensor"), data=images)
@@ -10,42 +11,62 @@
   without BN and ReLU6, ReLU in the pointwise convs. **Not** a post-training fix: without retraining it drops float
   accuracy to 0.0-0.2% (measured on three MobileNets); emit ``Result.to_keras()`` and fine-tune first.
 
-``weights`` ("per_tensor" or "per_channel"), ``activations`` and ``bits`` go to InsertFakeQuant unchanged (and the
-weight options to CorrectBias, so it corrects exactly the quantization that will be applied). Extra keyword
-arguments go to InsertFakeQuant. ``quantize=False`` leaves InsertFakeQuant out (a float rewrite).
+The keyword options are the fields of :class:`~qfrewrite.spec.QuantSpec` (``weights="per_tensor"|"per_channel"``,
+``weight_bits``, ``weight_method``, ``rounding``, ``activations``, ``activation_bits``, ``target``), or a whole
+``spec=``; they become the recipe's spec, which every pass reads (InsertFakeQuant and CorrectBias then apply and
+correct the same weight quantization). The passes themselves are built without quantization options. Other keyword
+arguments are InsertFakeQuant's own knobs (``percentile``, ``saturation_weight``). ``quantize=False`` leaves
+InsertFakeQuant out (a float rewrite). The order of the passes comes from their contracts
+(:func:`qfrewrite.pass_infra.ordered`), not from the recipe.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, List, Optional
+from dataclasses import fields
+from typing import Any, Iterable, List, Optional
 
-from .pass_infra import Pass
+from .pass_infra import Pass, ordered
+from .passes import (AbsorbBias, CorrectBias, CrossLayerEqualization, FoldBatchNorm, FoldDeadChannels,
+                     InsertFakeQuant, ReLU6ToReLU, RemoveDepthwiseBNReLU6)
+from .spec import QuantSpec, merge_statements
 
-__all__ = ["plain", "dfq", "qualcomm"]
+__all__ = ["Recipe", "plain", "dfq", "qualcomm"]
 
 log = logging.getLogger(__name__)
 
-
-def _fake_quant(quantize: bool, weights: str, activations: Optional[str], bits: int, extra) -> List[Pass]:
-    if not quantize:
-        return []
-    from qfrewrite.passes import InsertFakeQuant
-    kwargs: dict = {"weights": weights, "bits": bits, **extra}
-    if activations is not None:
-        kwargs["activations"] = activations
-    return [InsertFakeQuant(**kwargs)]
+_SPEC_FIELDS = {f.name for f in fields(QuantSpec)}
 
 
-def plain(weights: str = "per_tensor", activations: Optional[str] = None, bits: int = 8, quantize: bool = True,
-          **fakequant_options: Any) -> List[Pass]:
+class Recipe(list):
+    """A list of passes with the :class:`QuantSpec` they were chosen for (``rewrite`` uses it when given no spec)."""
+
+    def __init__(self, name: str, passes: Iterable[Pass], spec: QuantSpec):
+        super().__init__(passes)
+        self.name, self.spec = name, spec
+
+    def __repr__(self) -> str:
+        return f"Recipe({self.name!r}, [{', '.join(map(repr, self))}], {self.spec})"
+
+
+def _recipe(name: str, passes: List[Pass], quantize: bool, spec: Optional[QuantSpec], options) -> Recipe:
+    stated = {k: v for k, v in options.items() if k in _SPEC_FIELDS and v is not None}
+    knobs = {k: v for k, v in options.items() if k not in _SPEC_FIELDS}
+    unknown = set(knobs) - {"percentile", "saturation_weight"}
+    if unknown:
+        raise TypeError(f"recipes.{name}() got unexpected options {sorted(unknown)}: give QuantSpec fields "
+                        f"({', '.join(sorted(_SPEC_FIELDS))}) or InsertFakeQuant's percentile / saturation_weight")
+    full = merge_statements(spec, [(f"recipes.{name}(...)", QuantSpec(**stated))], spec_source="the recipe's spec")
+    if quantize:
+        passes = passes + [InsertFakeQuant(**knobs)]
+    return Recipe(name, ordered(passes, full), full)
+
+
+def plain(spec: Optional[QuantSpec] = None, quantize: bool = True, **options: Any) -> Recipe:
     """``FoldBatchNorm`` then ``InsertFakeQuant``: post-training quantization with no rewriting."""
-    from qfrewrite.passes import FoldBatchNorm
-
-    return [FoldBatchNorm()] + _fake_quant(quantize, weights, activations, bits, fakequant_options)
+    return _recipe("plain", [FoldBatchNorm()], quantize, spec, options)
 
 
-def dfq(weights: str = "per_tensor", activations: Optional[str] = None, bits: int = 8, quantize: bool = True,
-        absorb: bool = False, **fakequant_options: Any) -> List[Pass]:
+def dfq(spec: Optional[QuantSpec] = None, quantize: bool = True, absorb: bool = False, **options: Any) -> Recipe:
     """The best no-retraining recipe measured here: data-free quantization (Nagel et al. 2019) guarded for dead
     channels, with data-driven bias correction.
 
@@ -53,12 +74,12 @@ def dfq(weights: str = "per_tensor", activations: Optional[str] = None, bits: in
     2. ``FoldDeadChannels`` (exact): constant channels (all-zero weights, or a ReLU whose input provably never
        crosses 0) folded into the next layer's bias, so the depthwise weights that only ever see a constant, the
        outliers that collapse TF-slim MobileNetV1, are zeroed;
-    3. ``CrossLayerEqualization(clip="exact")`` (exact): per-channel weight ranges equalized through ReLU6 with a
-       per-channel clip; dead/constant/near-zero channels never scaled, no channel pushed out of its tensor's range;
+    3. ``CrossLayerEqualization`` (exact): per-channel weight ranges equalized through ReLU6 with a per-channel
+       clip; dead/constant/near-zero channels never scaled, no channel pushed out of its tensor's range;
     4. ``AbsorbBias`` only with ``absorb=True`` (no gain measured on these models);
     5. ``CorrectBias``: the expected output error of the quantized kernels removed from the biases, for exactly the
-       weight quantization InsertFakeQuant applies (same ``weights``/``bits``/``weight_method``);
-    6. ``InsertFakeQuant`` with the given options.
+       weight quantization InsertFakeQuant applies (both read the recipe's spec);
+    6. ``InsertFakeQuant``.
 
     Measured (``benchmarks/run_all.py``: 200 calibration and 500 disjoint evaluation images from ../shared, the
     emitted int8 TFLite models scored in LiteRT, InsertFakeQuant's default MSE activation ranges), top-1 %:
@@ -74,28 +95,22 @@ def dfq(weights: str = "per_tensor", activations: Optional[str] = None, bits: in
     The price of the exact per-channel clips: one MINIMUM per equalized ReLU6. LiteRT int8 latency, batch 1, on a
     shared 2-core x86 machine: MobileNetV1 3.19 -> 3.63 ms (1 thread), MobileNetV2 3.70 -> 4.07 ms.
 
-    Why this order: on V1 per-tensor (800 images, float 89.75) FoldDeadChannels + CorrectBias alone reached 88.5 and
-    adding the equalization 89.5; the equalization before dead-channel folding (or with near-dead channels left
-    unfolded) made it worse (82-83), because a guarded constant channel kept its outlier range while the others
-    shrank. Sequential bias correction and bias absorption gave no gain when tried (V1 per-tensor, before dead
-    channels were also found from bounds: sequential 86.1 vs 86.8, absorption 82.0 vs 82.4; within noise).
+    Why this order (which the passes' contracts encode): on V1 per-tensor (800 images, float 89.75) FoldDeadChannels
+    + CorrectBias alone reached 88.5 and adding the equalization 89.5; the equalization before dead-channel folding
+    (or with near-dead channels left unfolded) made it worse (82-83), because a guarded constant channel kept its
+    outlier range while the others shrank. Sequential bias correction and bias absorption gave no gain when tried
+    (V1 per-tensor, before dead channels were also found from bounds: sequential 86.1 vs 86.8, absorption 82.0 vs
+    82.4; within noise).
     """
-    from qfrewrite.passes import (AbsorbBias, CorrectBias, CrossLayerEqualization, FoldBatchNorm,
-                                  FoldDeadChannels)
-
-    passes: List[Pass] = [FoldBatchNorm(), FoldDeadChannels(), CrossLayerEqualization(clip="exact")]
+    passes: List[Pass] = [FoldBatchNorm(), FoldDeadChannels(), CrossLayerEqualization(), CorrectBias()]
     if absorb:
         passes.append(AbsorbBias())
-    passes.append(CorrectBias(weights=weights, bits=bits, method=fakequant_options.get("weight_method")))
-    return passes + _fake_quant(quantize, weights, activations, bits, fakequant_options)
+    return _recipe("dfq", passes, quantize, spec, options)
 
 
-def qualcomm(weights: str = "per_tensor", activations: Optional[str] = None, bits: int = 8, quantize: bool = True,
-             **fakequant_options: Any) -> List[Pass]:
+def qualcomm(spec: Optional[QuantSpec] = None, quantize: bool = True, **options: Any) -> Recipe:
     """The Qualcomm block: ``FoldBatchNorm`` (pointwise only), ``RemoveDepthwiseBNReLU6``, ``ReLU6ToReLU`` in the
     pointwise convs, then ``InsertFakeQuant``. For fine-tuning (``quantize=False``, then ``Result.to_keras()``);
     without retraining it scores 0.0-0.2% top-1, float or int8."""
-    from qfrewrite.passes import FoldBatchNorm, ReLU6ToReLU, RemoveDepthwiseBNReLU6
-
     passes: List[Pass] = [FoldBatchNorm(scope="pointwise"), RemoveDepthwiseBNReLU6(), ReLU6ToReLU("pointwise")]
-    return passes + _fake_quant(quantize, weights, activations, bits, fakequant_options)
+    return _recipe("qualcomm", passes, quantize, spec, options)

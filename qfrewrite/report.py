@@ -1,6 +1,6 @@
 """The pass manager's report: one :class:`PassReport` per pass, as a terminal table, JSON and a PNG figure.
 
-Each entry holds the pass's own ``stats``, its run time, for a non-exact pass the float output drift (SQNR in dB of
+Each entry holds the pass's own ``stats``, what it left alone and why (``skipped``), its run time, for a non-exact pass the float output drift (SQNR in dB of
 the outputs against those before the pass, max abs difference, top-1 agreement), and the per-channel statistics
 before and after it (a :class:`~qfrewrite.analysis.channel_stats.GraphChannelStats` from the default hook, in the
 "as quantized" view with BatchNorm folded; a custom hook's dict is kept as it is).
@@ -30,6 +30,7 @@ class PassReport:
     exact: bool
     modified: bool
     stats: Dict[str, Any] = field(default_factory=dict)
+    skipped: List[Any] = field(default_factory=list)
     seconds: float = 0.0
     drift: Optional[Dict[str, Any]] = None
     stats_before: Optional[Any] = None
@@ -113,6 +114,7 @@ class Report:
         passes = []
         for p in self.passes:
             passes.append({"name": p.name, "exact": p.exact, "modified": p.modified, "stats": p.stats,
+                           "skipped": [{"node": s.node, "reason": s.reason} for s in p.skipped],
                            "seconds": p.seconds, "drift": p.drift, "stats_before": p.stats_before,
                            "stats_after": p.stats_after})
         out: Dict[str, Any] = {"source": self.source, "passes": passes}
@@ -158,6 +160,12 @@ class Report:
         for i, p in enumerate(self.passes):
             items = [f"{k}={_fmt(v, '.4g') if isinstance(v, float) else v}" for k, v in p.stats.items()
                      if not isinstance(v, (list, dict, tuple))]
+            whole = [s.reason for s in p.skipped if s.node is None]
+            nodes = [s for s in p.skipped if s.node is not None]
+            if whole:
+                items.append(f"nothing to do: {whole[0]}")
+            if nodes:
+                items.append(f"left alone: {len(nodes)} node(s), e.g. {nodes[0]}")
             if items:
                 lines.append(f"  {i + 1} {p.name}: {', '.join(items)}")
         return "pass statistics:\n" + "\n".join(lines) if lines else ""

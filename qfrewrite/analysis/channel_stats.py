@@ -14,15 +14,16 @@ and outlier channels, and the 8-bit SQNR of the weights quantized per tensor and
   ``FoldBatchNorm`` itself leaves the figures unchanged (it is exact).
 * ``fold_bn=False``: the kernels exactly as they are in the graph.
 
-**BN scale** ``s_c = gamma_c / sqrt(var_c + eps)``: from the ``BatchNorm`` that reads the layer, or from
-``node.meta["bn_scale"]`` where :class:`FoldBatchNorm` folded one (the source BatchNorm's scale; later rescaling such
-as equalization does not update it). A folded channel's range is ``|s_c|`` times its raw range, so a large ``|s_c|``
+**BN scale** ``s_c = gamma_c / sqrt(var_c + eps)``: from the ``BatchNorm`` that reads the layer, or from the layer's
+:class:`~qfrewrite.ir.FoldedBatchNorm` record where :class:`FoldBatchNorm` folded one (kept true by every pass that
+rescales output channels, so after equalization it is the scale that relates the kernel to its pre-BN values). A
+folded channel's range is ``|s_c|`` times its raw range, so a large ``|s_c|``
 (a near-zero variance) makes an outlier out of an ordinary kernel. An outlier channel counts as *caused by the BN
 scale* when the scale accounts for at least half of its excess on the log scale:
 ``|s_c| / median|s| >= sqrt(range_c / median range)``.
 
 **Dead inputs.** A depthwise channel ``c * M + m`` reads input channel ``c`` only; when that input comes (through
-``Pad``, ``Relu``, ``Clip``, ``BatchNorm`` or a constant ``Minimum``) from a layer whose channel ``c`` is zero or
+channel-wise ops: :func:`qfrewrite.ir.is_channelwise`) from a layer whose channel ``c`` is zero or
 near-zero, the depthwise channel reads a constant and its weights do nothing but widen the range
 (``dead_inputs``: ``{channel: producing layer}``).
 
@@ -44,31 +45,32 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import numpy as np
 
-from ..ir import Graph, Node, Op
-from ..numerics.batchnorm import bn_scale_shift, fold_bn_into_kernel
+from ..ir import (WEIGHTED_OPS, Graph, Node, Op, batchnorm_fold_target, bn_affine, is_channelwise, layer_kind,
+                  sole_reader)
+from ..numerics.batchnorm import fold_bn_into_kernel
 from ..numerics.kernels import out_channels_last
 from ..pass_infra import Analysis, Context
+from ..quant.observers import ActivationStats, activation_stats
 from . import channel_math as cm
 
 __all__ = ["LayerStats", "GraphChannelStats", "ChannelStats", "layer_stats", "compute_channel_stats",
-           "weight_channel_ranges", "graph_stats_summary", "LAYER_OPS"]
+           "weight_channel_ranges", "graph_stats_summary"]
 
 log = logging.getLogger(__name__)
 
-LAYER_OPS = (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE)
 _ACTIVATION_MODES = ("auto", "always", "never")
-#: ops a value passes through unchanged channel by channel, when walking back from a depthwise input
-_CHANNELWISE = (Op.PAD, Op.RELU, Op.CLIP, Op.BATCH_NORM, Op.MINIMUM)
+#: the longest walk back from a depthwise input to the layer that produces its channels
+_MAX_WALK = 16
 
 
-def _flat(kernel: np.ndarray, op: Op) -> np.ndarray:
+def _flat(kernel: np.ndarray, node: Node) -> np.ndarray:
     """The kernel as ``(K, C_out)`` (depthwise: ``C_out = C * M`` in ``c * M + m`` order)."""
-    return out_channels_last(kernel, "depthwise" if op is Op.DEPTHWISE_CONV2D else "conv")
+    return out_channels_last(kernel, layer_kind(node))
 
 
 def weight_channel_ranges(node: Node) -> np.ndarray:
     """``(C_out, 2)`` array of per-output-channel (min, max) of the node's kernel as it is in the graph."""
-    flat = _flat(node.weight.const, node.op)
+    flat = _flat(node.weight.const, node)
     return np.stack([flat.min(axis=0), flat.max(axis=0)], axis=1)
 
 
@@ -232,25 +234,17 @@ class GraphChannelStats(Mapping):
         return f"<GraphChannelStats {len(self)} layers, folded={self.folded}>"
 
 
-def _sole_reader(node: Node) -> Optional[Node]:
-    out = node.output
-    g = node.graph
-    if g is not None and any(out is o for o in g.outputs):
-        return None
-    uses = out.uses()
-    return uses[0][0] if len(uses) == 1 else None
-
-
 def _following_bn(node: Node) -> Optional[Node]:
-    r = _sole_reader(node)
-    return r if r is not None and r.op is Op.BATCH_NORM else None
+    """The BatchNorm that reads ``node`` and can be folded into it, else ``None``."""
+    r = sole_reader(node.output)
+    return r if r is not None and r.op is Op.BATCH_NORM and batchnorm_fold_target(r) is node else None
 
 
 def _act_tensor(node: Node) -> str:
     v = node
-    nxt = _sole_reader(v)
+    nxt = sole_reader(v.output)
     if nxt is not None and nxt.op is Op.BATCH_NORM:
-        v, nxt = nxt, _sole_reader(nxt)
+        v, nxt = nxt, sole_reader(nxt.output)
     if nxt is not None and nxt.op in (Op.RELU, Op.CLIP):
         v = nxt
     return v.output.name
@@ -259,22 +253,15 @@ def _act_tensor(node: Node) -> str:
 def _channel_source(node: Node) -> Optional[Node]:
     """The weighted layer whose output channels reach ``node``'s input channel by channel, or ``None``."""
     v = node.inputs[0]
-    for _ in range(16):  # a bounded walk: real chains are a few nodes long
+    for _ in range(_MAX_WALK):
         p = v.producer
         if p is None:
             return None
-        if p.op in LAYER_OPS:
+        if p.op in WEIGHTED_OPS:
             return p
-        if p.op not in _CHANNELWISE:
+        if not is_channelwise(p):
             return None
-        if p.op is Op.MINIMUM:
-            consts = [i for i in p.inputs if i.is_const]
-            others = [i for i in p.inputs if not i.is_const]
-            if len(consts) != 1 or len(others) != 1:
-                return None
-            v = others[0]
-        else:
-            v = p.inputs[0]
+        v = p.inputs[0]  # a channel-wise op reads its channels from its first input
     return None
 
 
@@ -284,16 +271,15 @@ def layer_stats(node: Node, fold_bn: bool = False, bits: int = 8) -> LayerStats:
     bn = _following_bn(node)
     bn_scale, bn_name, folded_here = None, None, False
     if bn is not None:
-        gamma, beta, mean, var = (v.const for v in bn.inputs[1:5])
-        scale, shift, _ = bn_scale_shift(gamma, beta, mean, var, bn.attrs.epsilon)
+        scale, shift, _ = bn_affine(bn)
         bn_scale, bn_name = scale, bn.source_name
-        if fold_bn and node.weight_quant is None:
+        if fold_bn:
             kernel, _ = fold_bn_into_kernel(kernel, None, scale, shift, depthwise=node.op is Op.DEPTHWISE_CONV2D)
             folded_here = True
-    elif node.meta.get("bn_scale") is not None:
-        bn_scale = np.asarray(node.meta["bn_scale"], np.float64)
-        bn_name = node.meta.get("folded_bn")
-    flat = _flat(np.asarray(kernel), node.op)
+    elif node.folded_bn is not None:
+        bn_scale = np.asarray(node.folded_bn.scale, np.float64)
+        bn_name = node.folded_bn.name
+    flat = _flat(np.asarray(kernel), node)
     w_min, w_max = flat.min(axis=0).astype(np.float64), flat.max(axis=0).astype(np.float64)
     ranges = w_max - w_min
     live = cm.live_mask(ranges, bits)
@@ -331,7 +317,7 @@ def compute_channel_stats(graph: Graph, ctx: Optional[Context] = None, fold_bn: 
     if activations not in _ACTIVATION_MODES:
         raise ValueError(f"activations must be one of {_ACTIVATION_MODES}, got {activations!r}")
     done: Dict[str, LayerStats] = {}
-    nodes = graph.find(*LAYER_OPS)
+    nodes = graph.find(*WEIGHTED_OPS)
     for node in nodes:
         ls = layer_stats(node, fold_bn=fold_bn, bits=bits)
         _mark_dead_inputs(node, ls, done)
@@ -350,8 +336,6 @@ def compute_channel_stats(graph: Graph, ctx: Optional[Context] = None, fold_bn: 
 
 
 def _activation_ranges(graph: Graph, ctx: Context, names: List[str], mode: str):
-    from ..quant.observers import ActivationStats, activation_stats
-
     if mode == "always":
         ctx.require_data("activation statistics")
         return activation_stats(graph, ctx, names)
@@ -385,7 +369,7 @@ def graph_stats_summary(graph: Graph) -> Dict[str, Any]:
     ``{layer: {"spread", "max_range", "median_range", "zero_channels" (a count), "near_zero_channels",
     "outlier_channels" (counts), "sqnr_per_tensor_db", "sqnr_per_channel_db"}}``."""
     out: Dict[str, Any] = {}
-    for node in graph.find(*LAYER_OPS):
+    for node in graph.find(*WEIGHTED_OPS):
         ls = layer_stats(node)
         out[node.name] = {
             "spread": ls.spread, "max_range": ls.max_range, "median_range": ls.median_range,

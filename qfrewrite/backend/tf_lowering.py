@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ..errors import EmitError
-from ..ir import FakeQuantAttrs, Graph, Node, Op, resolve_pads, same_pads
+from ..ir import FakeQuantAttrs, Graph, Node, Op, bn_affine, resolve_pads, same_pads
 
 __all__ = ["lower", "fake_quant_tf"]
 
@@ -104,9 +104,7 @@ def _lower_node(node: Node, args: List, quantize: bool):
             y = tf.nn.bias_add(y, tf.constant(node.bias.const))
         return y
     if op is Op.BATCH_NORM:
-        gamma, beta, mean, var = (v.const for v in node.inputs[1:5])
-        scale = gamma / np.sqrt(var.astype(np.float64) + a.epsilon)
-        shift = beta - mean * scale
+        scale, shift, _ = bn_affine(node)
         return x * tf.constant(scale.astype(np.float32)) + tf.constant(shift.astype(np.float32))
     if op is Op.RELU:
         return tf.nn.relu(x)

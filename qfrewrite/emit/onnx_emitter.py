@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import EmitError
 from ..io_utils import atomic_write_bytes
-from ..ir import FakeQuantAttrs, Graph, Node, Op, Value, resolve_pads, same_pads
+from ..ir import FakeQuantAttrs, Graph, Node, Op, Value, resolve_pads, same_pads, sole_reader
 from ..numerics.qdq import CONTAINERS, QParams, bias_codes, qparams, quantize_codes
 
 __all__ = ["emit_onnx", "ONNX_OPSETS"]
@@ -83,8 +83,7 @@ class _Emitter:
             act = fq.inputs[0].producer
             if act is None or act.op not in (Op.CLIP, Op.RELU):
                 continue
-            v = act.output
-            if len(v.uses()) != 1 or any(v is o for o in self.graph.outputs):
+            if sole_reader(act.output) is None:
                 continue
             lo, hi = (act.attrs.lo, act.attrs.hi) if act.op is Op.CLIP else (0.0, None)
             try:

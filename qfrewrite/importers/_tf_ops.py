@@ -26,8 +26,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ..errors import ModelLoadError, UnsupportedOpError
-from ..ir import (BatchNormAttrs, ClipAttrs, ConcatAttrs, ConvAttrs, GlobalMeanAttrs, Graph, Op, PadAttrs, PoolAttrs,
-                  ReshapeAttrs, SoftmaxAttrs, Value)
+from ..ir import (WEIGHTED_OPS, BatchNormAttrs, ClipAttrs, ConcatAttrs, ConvAttrs, GlobalMeanAttrs, Graph, Op,
+                  PadAttrs, PoolAttrs, ReshapeAttrs, SoftmaxAttrs, Value, sole_reader)
 from ._tf_view import GraphDefView, Ref
 
 __all__ = ["Builder", "CONVERTERS", "PARAM_INPUTS", "SUPPORTED_TF_OPS", "fuse_biases"]
@@ -357,8 +357,8 @@ def fuse_biases(graph: Graph) -> int:
     for add in graph.find(Op.ADD):
         x, c = add.inputs
         layer = x.producer
-        if (layer is None or layer.op not in (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE) or layer.bias is not None
-                or not c.is_const or len(x.uses()) != 1 or any(o is x for o in graph.outputs)):
+        if (layer is None or layer.op not in WEIGHTED_OPS or layer.bias is not None or not c.is_const
+                or sole_reader(x) is not add):
             continue
         channels = layer.output.shape[-1]
         vec = c.const

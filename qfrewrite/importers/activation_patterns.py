@@ -18,7 +18,7 @@ import logging
 from typing import Dict, Optional, Tuple
 
 
-from ..ir import Graph, Node, Op, Value
+from ..ir import Graph, Node, Op, Value, sole_reader
 
 __all__ = ["fuse_hard_activations"]
 
@@ -41,13 +41,6 @@ def _const_operand(node: Node) -> Tuple[Optional[Value], Optional[float]]:
     return None, None
 
 
-def _sole_reader(v: Value) -> Optional[Node]:
-    if v.graph is None or any(v is o for o in v.graph.outputs):
-        return None
-    users = v.uses()
-    return users[0][0] if len(users) == 1 else None
-
-
 def _close(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-6 * max(abs(b), 1.0)
 
@@ -57,10 +50,10 @@ def _match_hard_sigmoid(add: Node) -> Optional[Tuple[Value, Node]]:
     x, c = _const_operand(add)
     if x is None or not _close(c, 3.0):
         return None
-    clip = _sole_reader(add.output)
+    clip = sole_reader(add.output)
     if clip is None or clip.op is not Op.CLIP or not (clip.attrs.lo == 0.0 and clip.attrs.hi == 6.0):
         return None
-    mul = _sole_reader(clip.output)
+    mul = sole_reader(clip.output)
     if mul is None or mul.op is not Op.MUL:
         return None
     _, k = _const_operand(mul)
@@ -85,7 +78,7 @@ def fuse_hard_activations(graph: Graph) -> Dict[str, int]:
     if counts["HardSigmoid"]:
         graph.remove_unused()
     for hs in graph.find(Op.HARD_SIGMOID):
-        mul = _sole_reader(hs.output)
+        mul = sole_reader(hs.output)
         if mul is None or mul.op is not Op.MUL:
             continue
         other = mul.inputs[0] if mul.inputs[1] is hs.output else mul.inputs[1]

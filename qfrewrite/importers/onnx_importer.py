@@ -23,7 +23,7 @@ import os
 from typing import Dict, Optional, Sequence, Set, Union
 
 from ..errors import ModelLoadError, UnsupportedOpError, VerificationError
-from ..ir import Graph, Node, Op, Value, verify
+from ..ir import Graph, Op, Value, sole_reader, verify
 from .activation_patterns import fuse_hard_activations
 from .onnx_layout import FLAT_CHW, NCHW, NHWC_TO_NCHW, SAME, Held
 from .onnx_ops import CONVERTERS, PARAM_INPUTS, SUPPORTED_ONNX_OPS, Builder
@@ -75,13 +75,6 @@ def _add_inputs(b: Builder, folded: FoldedModel) -> Dict[str, str]:
     return layouts
 
 
-def _sole_reader(v: Value) -> Optional[Node]:
-    if v.graph is None or any(v is o for o in v.graph.outputs):
-        return None
-    uses = v.uses()
-    return uses[0][0] if len(uses) == 1 else None
-
-
 def _scalar(v: Value) -> Optional[float]:
     return float(v.const.reshape(-1)[0]) if v.is_const and v.const.size == 1 else None
 
@@ -99,7 +92,7 @@ def _reassociate_hard_swish(graph: Graph) -> int:
         if _scalar(k) is None or abs(_scalar(k) - 1.0 / 6.0) > 1e-6 or a.producer is None:
             continue
         inner = a.producer
-        if inner.op is not Op.MUL or _sole_reader(a) is not outer:
+        if inner.op is not Op.MUL or sole_reader(a) is not outer:
             continue
         for xi in (0, 1):
             x, clip_v = inner.inputs[xi], inner.inputs[1 - xi]

@@ -9,16 +9,38 @@ from __future__ import annotations
 
 import copy
 import itertools
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import networkx as nx
 import numpy as np
 
 from ..errors import GraphError
-from .ops import ATTRS_FOR, Op
+from .ops import ATTRS_FOR, WEIGHTED_OPS, Op
 from .shapes import infer_output_shape
 
-__all__ = ["Value", "Node", "Graph"]
+__all__ = ["Value", "Node", "Graph", "FoldedBatchNorm"]
+
+
+@dataclass(frozen=True)
+class FoldedBatchNorm:
+    """A BatchNorm folded into a layer: its source ``name`` and, per output channel, the ``scale``
+    ``gamma / sqrt(var + eps)`` it multiplied the kernel by.
+
+    Invariant, kept by every pass that rescales output channels (:func:`qfrewrite.ir.edit.record_output_scaling`):
+    ``scale[c]`` is the factor that folding and every later rescaling of output channel ``c`` multiplied it by, so
+    output channel ``c`` of the kernel is its pre-BatchNorm weights (as later edits left them on the input side) times
+    ``scale[c]``. Scaling a depthwise kernel's input channel ``i`` scales its output channels ``i*M .. i*M+M-1``, so
+    that counts as an output rescaling; scaling a regular conv's input channels does not. Analyses read it to tell
+    whether a BatchNorm scale explains an outlier channel; RemoveDepthwiseBNReLU6 divides it out again.
+    """
+
+    name: str
+    scale: np.ndarray
+
+    def rescaled(self, factor) -> "FoldedBatchNorm":
+        """The record after output channel ``c`` was multiplied by ``factor[c]``."""
+        return FoldedBatchNorm(self.name, np.asarray(self.scale, np.float64) * np.asarray(factor, np.float64))
 
 
 class Value:
@@ -89,6 +111,8 @@ class Node:
         #: fake quantization applied to the kernel (a ``FakeQuantAttrs``) when the graph is emitted or simulated;
         #: the kernel itself stays the float constant so every pass keeps working on real weights.
         self.weight_quant = None
+        #: the BatchNorm folded into this layer's kernel, if any (weighted layers only)
+        self.folded_bn: Optional[FoldedBatchNorm] = None
 
     # -- inputs -------------------------------------------------------------------------------------------------
     @property
@@ -102,13 +126,13 @@ class Node:
     @property
     def weight(self) -> Optional[Value]:
         """The constant kernel of Conv2D/DepthwiseConv2D/Dense, else ``None``."""
-        if self.op in (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE):
+        if self.op in WEIGHTED_OPS:
             return self._inputs[1]
         return None
 
     @property
     def bias(self) -> Optional[Value]:
-        if self.op in (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE) and len(self._inputs) > 2:
+        if self.op in WEIGHTED_OPS and len(self._inputs) > 2:
             return self._inputs[2]
         return None
 
@@ -215,7 +239,7 @@ class Graph:
             if out._uses:
                 users = ", ".join(n.name for n, _ in out._uses)
                 raise GraphError(f"cannot remove {node.name}: its output {out.name} is used by {users}")
-            if any(out is o for o in self.outputs):
+            if self.is_output(out):
                 raise GraphError(f"cannot remove {node.name}: its output {out.name} is a graph output")
         for i, v in enumerate(node._inputs):
             v._uses.remove((node, i))
@@ -242,7 +266,7 @@ class Graph:
             changed = False
             for node in list(reversed(self.topological_order())):
                 outs = node.outputs
-                if all(not o._uses for o in outs) and not any(o is g for o in outs for g in self.outputs):
+                if all(not o._uses for o in outs) and not any(self.is_output(o) for o in outs):
                     self.remove_node(node)
                     removed += 1
                     changed = True
@@ -276,6 +300,10 @@ class Graph:
         # insertion order as tie-break keeps printing stable
         order = nx.lexicographical_topological_sort(self._nx, key=self._seq.__getitem__)
         return [self._nodes[n] for n in order]
+
+    def is_output(self, value: Value) -> bool:
+        """True when ``value`` is one of this graph's outputs."""
+        return any(value is o for o in self.outputs)
 
     def find(self, *ops: Op) -> List[Node]:
         """Nodes of the given ops, in topological order."""
@@ -324,6 +352,7 @@ class Graph:
         for node in self.topological_order():
             n = Node(node.name, node.op, node.attrs, copy.deepcopy(node.meta))
             n.weight_quant = node.weight_quant
+            n.folded_bn = node.folded_bn
             for k, val in node.__dict__.items():  # attributes added to a node after construction
                 if k not in n.__dict__:
                     setattr(n, k, copy.deepcopy(val))

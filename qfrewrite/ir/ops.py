@@ -31,6 +31,7 @@ __all__ = [
     "FakeQuantAttrs",
     "NoAttrs",
     "ATTRS_FOR",
+    "WEIGHTED_OPS",
 ]
 
 Padding = Union[str, Tuple[Tuple[int, int], Tuple[int, int]]]
@@ -189,7 +190,6 @@ ATTRS_FOR = {
     Op.FAKE_QUANT: FakeQuantAttrs,
 }
 
-#: Ops whose weights are a constant second input and whose output channels are the last axis.
+#: Ops whose weights are a constant second input and whose output channels are the last axis (the traits built on
+#: it are in :mod:`qfrewrite.ir.traits`).
 WEIGHTED_OPS = frozenset({Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE})
-#: Activations f with f(s*x) = s*f(x) for s > 0.
-POSITIVE_HOMOGENEOUS = frozenset({Op.RELU})

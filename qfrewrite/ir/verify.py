@@ -10,10 +10,11 @@ from __future__ import annotations
 from typing import List
 
 import networkx as nx
+import numpy as np
 
 from ..errors import VerificationError
 from .graph import Graph
-from .ops import Op
+from .ops import WEIGHTED_OPS
 from .shapes import infer_output_shape
 
 __all__ = ["verify"]
@@ -41,13 +42,17 @@ def verify(graph: Graph) -> None:
             producers[out.name] = node.name
             if out.producer is not node:
                 problems.append(f"value {out.name} does not name {node.name} as producer")
-        if node.op in (Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE):
+        if node.op in WEIGHTED_OPS:
             k = node.inputs[1] if len(node.inputs) > 1 else None
             if k is None or not k.is_const:
                 problems.append(f"{node.name}: {node.op.value} kernel must be a constant")
             b = node.bias
             if b is not None and (not b.is_const or b.const.ndim != 1 or b.const.shape[0] != node.output.shape[-1]):
                 problems.append(f"{node.name}: bias must be a constant vector of {node.output.shape[-1]}")
+            fb, c = node.folded_bn, node.output.shape[-1]
+            if fb is not None and c is not None and np.asarray(fb.scale).shape != (c,):
+                problems.append(f"{node.name}: folded BatchNorm {fb.name} holds {np.asarray(fb.scale).shape} scales "
+                                f"for {c} output channels")
     for v in graph._values.values():
         for node, i in v._uses:
             if node.graph is not graph:

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..ir import FakeQuantAttrs, Node, Op
+from ..ir import FakeQuantAttrs, Node, layer_kind
 from .kernels import out_channels_last
 
 __all__ = ["nudge", "fake_quant_np", "symmetric_weight_attrs", "kernel_channels_last"]
@@ -41,7 +41,7 @@ def fake_quant_np(x: np.ndarray, lo, hi, bits: int = 8, narrow_range: bool = Fal
 
 def kernel_channels_last(node: Node) -> np.ndarray:
     """The kernel reshaped to ``(-1, C_out)``: output channels on the last axis (depthwise: ``c*M + m``)."""
-    return out_channels_last(node.weight.const, "depthwise" if node.op is Op.DEPTHWISE_CONV2D else "conv")
+    return out_channels_last(node.weight.const, layer_kind(node))
 
 
 def symmetric_weight_attrs(node: Node, per_channel: bool, bits: int = 8,

@@ -19,11 +19,11 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import QfrewriteError
-from ..ir import FakeQuantAttrs, Node
-from ..ir.ops import WEIGHTED_OPS
-from ..numerics.quantize import kernel_channels_last, symmetric_weight_attrs
+from ..ir import WEIGHTED_OPS, FakeQuantAttrs, Node, Op
+from ..numerics.quantize import fake_quant_np, kernel_channels_last, symmetric_weight_attrs
 
-__all__ = ["weight_quant_attrs", "mse_weight_absmax", "GRANULARITIES", "WEIGHT_METHODS", "MIN_ABSMAX"]
+__all__ = ["weight_quant_attrs", "planned_weight_quant", "quantized_kernel", "mse_weight_absmax", "GRANULARITIES",
+           "WEIGHT_METHODS", "MIN_ABSMAX"]
 
 GRANULARITIES = ("per_channel", "per_tensor")
 WEIGHT_METHODS = ("minmax", "mse")
@@ -87,3 +87,24 @@ def weight_quant_attrs(node: Node, granularity: str = "per_channel", method: str
         absmax = np.abs(flat).max(axis=0) if per_channel else np.array([np.abs(flat).max()])
     absmax = np.maximum(np.asarray(absmax, np.float64), MIN_ABSMAX)
     return symmetric_weight_attrs(node, per_channel=per_channel, bits=int(bits), absmax=absmax)
+
+
+def planned_weight_quant(node: Node, granularity: str, method: str = "minmax", bits: int = 8) -> FakeQuantAttrs:
+    """The weight quantization ``node`` will get: its ``weight_quant`` when one is set, else
+    :func:`weight_quant_attrs` with these options (what InsertFakeQuant applies)."""
+    if node.weight_quant is not None:
+        return node.weight_quant
+    return weight_quant_attrs(node, granularity, method, bits)
+
+
+def quantized_kernel(node: Node, fq: FakeQuantAttrs) -> np.ndarray:
+    """``node``'s kernel after fake quantization with ``fq`` (per-channel ranges on the output channels, depthwise
+    channel ``c * M + m``), as float32."""
+    k = node.weight.const
+    if len(fq.lo) == 1 and fq.axis is None:
+        return fake_quant_np(k, fq.lo[0], fq.hi[0], fq.bits, fq.narrow_range)
+    lo, hi = np.asarray(fq.lo), np.asarray(fq.hi)
+    if node.op is Op.DEPTHWISE_CONV2D:
+        kh, kw, c, m = k.shape
+        return fake_quant_np(k.reshape(kh, kw, c * m), lo, hi, fq.bits, fq.narrow_range).reshape(k.shape)
+    return fake_quant_np(k, lo, hi, fq.bits, fq.narrow_range)

@@ -7,7 +7,8 @@ from qfrewrite.analysis.channel_stats import (ChannelStats, compute_channel_stat
                                               weight_channel_ranges)
 from qfrewrite.ir import ConvAttrs, Graph, Op
 from qfrewrite.numerics.quantize import fake_quant_np, kernel_channels_last, symmetric_weight_attrs
-from qfrewrite.pass_infra import Context, Pass, PassManager, PassResult
+from qfrewrite.instruments import ChannelStatistics, CollectReport
+from qfrewrite.pass_infra import Context, Pass, PassManager, PassResult, Skip
 from qfrewrite.passes import FoldBatchNorm
 from tests.graphs import tiny_mobilenet
 from tests.planted import expected, planted_mobilenet
@@ -197,17 +198,19 @@ class _Counting(ChannelStats):
 
 class _NoOp(Pass):
     def run(self, graph, ctx):
-        return PassResult(graph, False, {"reason": "nothing to do"})
+        return PassResult(graph, False, {}, [Skip(None, "nothing to do")])
 
 
 def test_pass_manager_caches_the_statistics_until_a_pass_modifies(rng):
     g = planted_mobilenet(rng)
     _Counting.calls = 0
     ctx = Context()
-    res = PassManager([_NoOp(), _NoOp(), FoldBatchNorm(), _NoOp()], stats=_Counting()).run(g, ctx)
+    collect = CollectReport()
+    res = PassManager([_NoOp(), _NoOp(), FoldBatchNorm(), _NoOp()],
+                      instruments=[ChannelStatistics(_Counting()), collect]).run(g, ctx)
     assert res.modified
     assert _Counting.calls == 2  # before the first pass and after FoldBatchNorm: never for a no-op
-    rep = ctx.report
+    rep = collect.report
     assert rep[0].stats_before is rep[1].stats_after is rep[2].stats_before
     assert rep[2].stats_after is not rep[2].stats_before and rep[3].stats_before is rep[2].stats_after
     assert ctx.analysis(_Counting(), g) is rep[3].stats_after and _Counting.calls == 2
@@ -215,6 +218,7 @@ def test_pass_manager_caches_the_statistics_until_a_pass_modifies(rng):
 
 def test_a_plain_callable_hook_still_works(rng):
     g = tiny_mobilenet(rng)
-    ctx = Context()
-    PassManager([FoldBatchNorm()], stats=graph_stats_summary).run(g, ctx)
-    assert isinstance(ctx.report[0].stats_after, dict) and ctx.report[0].stats_after != ctx.report[0].stats_before
+    collect = CollectReport()
+    PassManager([FoldBatchNorm()], instruments=[ChannelStatistics(graph_stats_summary), collect]).run(g, Context())
+    rep = collect.report
+    assert isinstance(rep[0].stats_after, dict) and rep[0].stats_after != rep[0].stats_before

@@ -39,7 +39,7 @@ def test_no_batchnorm_is_a_no_op(rng):
     g = tiny_mobilenet(rng, bn=False)
     before = [n.name for n in g]
     res = FoldBatchNorm()(g)
-    assert not res.modified and res.stats["folded"] == 0 and "reason" in res.stats
+    assert not res.modified and res.stats["folded"] == 0 and res.reason
     assert [n.name for n in g] == before
 
 
@@ -52,7 +52,7 @@ def test_bn_after_shared_output_is_left_alone(rng):
     g.outputs = [z.output]
     res = FoldBatchNorm()(g)
     assert not res.modified
-    assert "other readers" in next(iter(res.stats["skipped"].values()))
+    assert any("other readers" in s.reason for s in res.skipped)
 
 
 def test_zero_variance_with_zero_eps_does_not_divide_by_zero(rng):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from qfrewrite.data import CalibrationSet, as_calibration_set
+from qfrewrite.calibration import as_calibration_set
+from qfrewrite.data import CalibrationSet
 from qfrewrite.errors import DataError
 from qfrewrite.images import (PRESETS, ImageFolder, load_image, read_labels, resolve_preprocess)
 from qfrewrite.ir import ConvAttrs, Graph, Op

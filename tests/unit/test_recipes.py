@@ -3,8 +3,9 @@ import pytest
 
 import qfrewrite
 from qfrewrite import recipes
-from qfrewrite.pass_infra import Pass
-from qfrewrite.passes import CorrectBias, CrossLayerEqualization, FoldDeadChannels
+from qfrewrite.pass_infra import Context, Pass, ordered
+from qfrewrite.passes import CorrectBias, CrossLayerEqualization, FoldBatchNorm, FoldDeadChannels, InsertFakeQuant
+from qfrewrite.spec import QuantSpec
 from tests.quant_graphs import dead_channel_mobilenet
 
 
@@ -15,12 +16,30 @@ def test_recipes_are_pass_lists(recipe):
     assert not any(type(p).__name__ == "InsertFakeQuant" for p in passes)
 
 
-def test_dfq_passes_the_weight_options_to_bias_correction():
-    passes = recipes.dfq(weights="per_channel", bits=7, quantize=False)
+def test_dfq_carries_the_spec_that_its_passes_read():
+    passes = recipes.dfq(weights="per_channel", weight_bits=7, quantize=False)
+    assert passes.spec == QuantSpec(weights="per_channel", weight_bits=7)
     cb = [p for p in passes if isinstance(p, CorrectBias)][0]
-    assert (cb.weights, cb.bits) == ("per_channel", 7)
+    assert cb.spec_statement() == QuantSpec()  # no option of its own: it reads the pipeline's spec
+    ctx = Context(spec=passes.spec)
+    assert (cb.option(ctx, "weights"), cb.option(ctx, "bits")) == ("per_channel", 7)
     assert [type(p) for p in passes].index(FoldDeadChannels) < [type(p) for p in passes].index(CrossLayerEqualization)
     assert [p for p in passes if isinstance(p, CrossLayerEqualization)][0].exact
+
+
+def test_recipe_order_comes_from_the_contracts_not_the_listing():
+    dfq = recipes.dfq(absorb=True)
+    assert [p.name for p in dfq] == ["FoldBatchNorm", "FoldDeadChannels", "CrossLayerEqualization", "AbsorbBias",
+                                     "CorrectBias", "InsertFakeQuant"]
+    shuffled = ordered([InsertFakeQuant(), CorrectBias(), CrossLayerEqualization(), FoldDeadChannels(),
+                        FoldBatchNorm()])
+    assert [p.name for p in shuffled] == [p.name for p in recipes.dfq()]
+
+
+def test_recipe_options_must_be_spec_fields_or_fakequant_knobs():
+    with pytest.raises(TypeError, match="unexpected options"):
+        recipes.plain(wieghts="per_channel")
+    assert recipes.plain(percentile=99.9)[-1].percentile == 99.9
 
 
 def test_recipes_end_with_insert_fakequant_when_available():

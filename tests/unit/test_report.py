@@ -7,6 +7,7 @@ import pytest
 import qfrewrite
 from qfrewrite.analysis.channel_stats import graph_stats_summary
 from qfrewrite.errors import QfrewriteError
+from qfrewrite.instruments import ChannelStatistics, CollectReport
 from qfrewrite.pass_infra import Context, PassManager
 from qfrewrite.passes import CrossLayerEqualization, FoldBatchNorm
 from qfrewrite.report import Report, jsonable
@@ -66,16 +67,18 @@ def test_plot_writes_a_png_atomically(result, tmp_path):
 
 
 def test_report_with_a_custom_hook_or_no_statistics(rng):
-    ctx = Context()
-    PassManager([FoldBatchNorm()], stats=graph_stats_summary).run(tiny_mobilenet(rng), ctx)
-    d = json.loads(ctx.report.to_json())
+    collect = CollectReport()
+    PassManager([FoldBatchNorm()], instruments=[ChannelStatistics(graph_stats_summary), collect]).run(
+        tiny_mobilenet(rng), Context())
+    report = collect.report
+    d = json.loads(report.to_json())
     assert "layers_first" not in d and d["passes"][0]["stats_after"]
-    assert "FoldBatchNorm" in str(ctx.report) and "dw spread" not in str(ctx.report)
+    assert "FoldBatchNorm" in str(report) and "dw spread" not in str(report)
     with pytest.raises(QfrewriteError, match="statistics"):
-        ctx.report.plot("never-written.png")
-    ctx2 = Context()
-    PassManager([FoldBatchNorm()], stats=None).run(tiny_mobilenet(rng), ctx2)
-    assert ctx2.report[0].stats_before is None and "FoldBatchNorm" in str(ctx2.report)
+        report.plot("never-written.png")
+    bare = CollectReport()
+    PassManager([FoldBatchNorm()], instruments=[bare]).run(tiny_mobilenet(rng), Context())
+    assert bare.report[0].stats_before is None and "FoldBatchNorm" in str(bare.report)
     assert str(Report()) == "(no pass ran)"
 
 

@@ -13,8 +13,9 @@ from typing import Dict, Iterator, Sequence
 
 import numpy as np
 
-from qfrewrite.ir import Graph
-from qfrewrite.pass_infra import Analysis, Context
+from ..backend.executor import Executor
+from ..ir import Graph
+from ..pass_infra import Analysis, Context
 
 __all__ = ["ChannelMoments", "Moments", "iterate_taps", "channel_moments"]
 
@@ -30,8 +31,6 @@ class Moments:
 
 def iterate_taps(graph: Graph, ctx: Context, names: Sequence[str], who: str, chunk: int = 8) -> Iterator[Dict]:
     """Yield ``{value name: array}`` for every chunk of the calibration data."""
-    from qfrewrite.backend.executor import Executor
-
     data = ctx.require_data(who)
     ex = Executor(graph, taps=list(names))
     for batch in data.batches():

@@ -8,7 +8,7 @@ only constant input channels. Constants pass through channel-wise ops:
 * ``Pad``: a channel stays constant only when it equals the pad value (a non-zero constant padded with zeros is
   not spatially constant at the borders);
 * a layer reading a constant input channel: constant ``0`` contributes nothing; a non-zero constant contributes
-  ``v * sum of taps`` only when the layer reads no padding (:func:`passes._layers.padding_free`), otherwise the
+  ``v * sum of taps`` only when the layer reads no padding (:func:`qfrewrite.ir.padding_free`), otherwise the
   output varies at the borders and the channel is not constant;
 * pools, ``GlobalMean``, and reshapes that keep the channel axis: kept.
 
@@ -25,11 +25,9 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from qfrewrite.ir import Graph, Node, Op
-from qfrewrite.numerics.batchnorm import bn_scale_shift
-from qfrewrite.numerics.kernels import n_out, out_channels_last
-
-from ._layers import LAYER_OPS, const_operand, kind_of, padding_free
+from ..ir import (WEIGHTED_OPS, Graph, Node, Op, bn_affine, const_operand, keeps_channel_axis, layer_kind,
+                  padding_free, per_channel_constant)
+from ..numerics.kernels import n_out, out_channels_last
 
 __all__ = ["ConstChannels", "Bounds", "constant_channels", "reads_mask", "propagate", "propagate_bounds",
            "constants_from_bounds", "merge", "dead_out_channels"]
@@ -55,7 +53,7 @@ def reads_mask(kernel: np.ndarray, kind: str, zero_tol: float) -> np.ndarray:
 
 
 def _layer(node: Node, cin: Optional[ConstChannels], zero_tol: float) -> Optional[ConstChannels]:
-    kind = kind_of(node)
+    kind = layer_kind(node)
     k = node.weight.const
     b = node.bias.const.astype(np.float64) if node.bias is not None else np.zeros(n_out(k, kind))
     reads = reads_mask(k, kind, zero_tol)
@@ -88,19 +86,10 @@ def _clip(v, lo, hi):
     return v
 
 
-def _channel_vec(const: np.ndarray, channels: int) -> Optional[np.ndarray]:
-    c = np.asarray(const, np.float64)
-    if c.size == 1:
-        return np.full(channels, float(c.reshape(-1)[0]))
-    if c.size == channels and c.shape[-1] == channels:
-        return c.reshape(-1)
-    return None
-
-
 def propagate(node: Node, cin: Optional[ConstChannels], zero_tol: float = 0.0) -> Optional[ConstChannels]:
     """The constant channels of ``node``'s output given those of its first input (``None``: none constant)."""
     op = node.op
-    if op in LAYER_OPS:
+    if op in WEIGHTED_OPS:
         return _layer(node, cin, zero_tol)
     if cin is None:
         return None
@@ -110,14 +99,13 @@ def propagate(node: Node, cin: Optional[ConstChannels], zero_tol: float = 0.0) -
     if op is Op.CLIP:
         return mask, _clip(vals, node.attrs.lo, node.attrs.hi)
     if op is Op.BATCH_NORM:
-        gamma, beta, mean, var = (v.const for v in node.inputs[1:5])
-        scale, shift, _ = bn_scale_shift(gamma, beta, mean, var, node.attrs.epsilon)
+        scale, shift, _ = bn_affine(node)
         return mask, vals * scale + shift
     if op in (Op.MINIMUM, Op.ADD, Op.MUL):
         x, c = const_operand(node)
         if x is None or x is not node.inputs[0]:
             return None
-        vec = _channel_vec(c.const, len(mask))
+        vec = per_channel_constant(c.const, len(mask))
         if vec is None:
             return None
         f = {Op.MINIMUM: np.minimum, Op.ADD: np.add, Op.MUL: np.multiply}[op]
@@ -132,11 +120,8 @@ def propagate(node: Node, cin: Optional[ConstChannels], zero_tol: float = 0.0) -
         return (keep, np.zeros_like(vals)) if keep.any() else None
     if op is Op.GLOBAL_MEAN:
         return cin
-    if op in (Op.RESHAPE, Op.FLATTEN):
-        ins, outs = node.inputs[0].shape, node.output.shape
-        if all(d == 1 for d in ins[1:-1]) and all(d == 1 for d in outs[1:-1]) and ins[-1] == outs[-1]:
-            return cin
-        return None
+    if keeps_channel_axis(node):
+        return cin
     return None
 
 
@@ -169,7 +154,7 @@ def _unbounded(n: int) -> Bounds:
 
 def _layer_bounds(node: Node, bin: Bounds) -> Optional[Bounds]:
     """Interval arithmetic through a layer: ``y = b + sum w x`` with each ``x`` in its channel's bounds."""
-    kind = kind_of(node)
+    kind = layer_kind(node)
     lo, hi = (np.asarray(a, np.float64) for a in bin)
     if not padding_free(node):  # zero padding is read as an input value
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
@@ -206,7 +191,7 @@ def propagate_bounds(node: Node, bin: Optional[Bounds]) -> Optional[Bounds]:
         return np.maximum(lo, 0.0), np.maximum(hi, 0.0)
     if op is Op.MINIMUM:
         x, c = const_operand(node)
-        vec = None if x is None or x is not node.inputs[0] else _channel_vec(c.const, n)
+        vec = None if x is None or x is not node.inputs[0] else per_channel_constant(c.const, n)
         if vec is None:
             return None
         lo, hi = bin if bin is not None else _unbounded(n)
@@ -214,15 +199,14 @@ def propagate_bounds(node: Node, bin: Optional[Bounds]) -> Optional[Bounds]:
     if bin is None:
         return None
     lo, hi = bin
-    if op in LAYER_OPS:
+    if op in WEIGHTED_OPS:
         return _layer_bounds(node, bin)
     if op in (Op.BATCH_NORM, Op.ADD, Op.MUL):
         if op is Op.BATCH_NORM:
-            gamma, beta, mean, var = (v.const for v in node.inputs[1:5])
-            scale, shift, _ = bn_scale_shift(gamma, beta, mean, var, node.attrs.epsilon)
+            scale, shift, _ = bn_affine(node)
         else:
             x, c = const_operand(node)
-            vec = None if x is None or x is not node.inputs[0] else _channel_vec(c.const, n)
+            vec = None if x is None or x is not node.inputs[0] else per_channel_constant(c.const, n)
             if vec is None:
                 return None
             scale, shift = (vec, np.zeros(n)) if op is Op.MUL else (np.ones(n), vec)
@@ -237,10 +221,8 @@ def propagate_bounds(node: Node, bin: Optional[Bounds]) -> Optional[Bounds]:
         if op is Op.AVG_POOL and node.attrs.padding not in ("SAME", "VALID"):
             return np.minimum(lo, 0.0), np.maximum(hi, 0.0)
         return bin
-    if op in (Op.RESHAPE, Op.FLATTEN):
-        ins, outs = node.inputs[0].shape, node.output.shape
-        if all(d == 1 for d in ins[1:-1]) and all(d == 1 for d in outs[1:-1]) and ins[-1] == outs[-1]:
-            return bin
+    if keeps_channel_axis(node):
+        return bin
     return None
 
 
