@@ -19,7 +19,14 @@ __all__ = [
     "SpecConflictError",
     "DataError",
     "EmitError",
+    "OutputError",
+    "one_line",
 ]
+
+
+def one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (whitespace runs collapsed), or its type name when it has none."""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 class QfrewriteError(Exception):
@@ -83,3 +90,7 @@ class DataError(QfrewriteError):
 
 class EmitError(QfrewriteError):
     """A TFLite/ONNX/Keras model could not be written from the graph."""
+
+
+class OutputError(QfrewriteError):
+    """An output path cannot be used: it names an input or another output, or its folder is not writable."""

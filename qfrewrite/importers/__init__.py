@@ -15,8 +15,9 @@ from typing import Optional, Sequence, Union
 
 from ..errors import ModelLoadError
 from ..ir import Graph
+from .checks import check_finite_weights, check_imported
 
-__all__ = ["load", "SUPPORTED_SOURCES"]
+__all__ = ["load", "SUPPORTED_SOURCES", "check_finite_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +37,14 @@ def load(source, inputs: Optional[Sequence[str]] = None, outputs: Optional[Seque
     """Import ``source`` into a new :class:`Graph`; the caller's model object or file is never changed.
 
     ``inputs``/``outputs`` name nodes or tensors where the source has several or the wanted one is inside;
-    ``input_shape`` (in the source's own layout) fixes dimensions the source leaves open.
+    ``input_shape`` (in the source's own layout) fixes dimensions the source leaves open. The imported graph is
+    checked (:mod:`.checks`: one input, finite weights, BatchNorm statistics, memory for one image).
     """
     if isinstance(source, Graph):
         return source.copy()
     graph = _import(source, inputs, outputs, input_shape)
-    check_finite_weights(graph, source)
+    check_imported(graph, source)
     return graph
-
-
-def check_finite_weights(graph: Graph, source=None) -> None:
-    """Raise :class:`ModelLoadError` naming the first layers whose weights hold NaN or Inf."""
-    import numpy as np
-
-    bad = []
-    for node in graph.topological_order():
-        for v in node.inputs:
-            if v.is_const and not np.all(np.isfinite(v.const)):
-                bad.append(f"{node.source_name} ({node.op.value}, {int(np.sum(~np.isfinite(v.const)))} "
-                           f"non-finite values in {v.name})")
-                break
-    if bad:
-        where = f"{source}: " if isinstance(source, (str, os.PathLike)) else ""
-        raise ModelLoadError(f"{where}weights hold NaN or Inf in {len(bad)} layer(s): {'; '.join(bad[:5])}"
-                             f"{' ...' if len(bad) > 5 else ''}; such a model cannot be quantized")
 
 
 def _import(source, inputs, outputs, input_shape) -> Graph:

@@ -32,7 +32,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import ModelLoadError, UnsupportedOpError, VerificationError
+from ..errors import ModelLoadError, UnsupportedOpError, VerificationError, one_line
 from ..ir import Graph, Value, verify
 from .activation_patterns import fuse_hard_activations
 from .keras_config import MODEL_CLASSES, LayerSpec, ModelSpec, Ref, parse_model_config
@@ -132,6 +132,10 @@ class _Builder:
                 outs = [convert_layer(c)]
             except VerificationError as exc:
                 raise ModelLoadError(f"{self.source}: layer {full!r} ({layer.class_name}): {exc}") from None
+            except (ValueError, IndexError, TypeError, KeyError) as exc:  # weights that do not fit the layer
+                log.debug("converting layer %s failed", full, exc_info=True)
+                raise ModelLoadError(f"{self.source}: layer {full!r} ({layer.class_name}) cannot be imported: "
+                                     f"{one_line(exc)}") from None
         for i, v in enumerate(outs):
             env[Ref(layer.name, k, i)] = v
         if k == 0:

@@ -13,8 +13,9 @@
    ``"NHWC"`` for the Transpose case), ``input_name``/``input_names``, ``output_names``, ``opset`` and
    ``output_layouts`` (``"NCHW"`` for a rank-4 output that the IR holds as NHWC, else ``"same"``).
 
-Errors: a corrupt, truncated or invalid file -> :class:`ModelLoadError` naming it; an ONNX op or op form the IR
-cannot express -> :class:`UnsupportedOpError` naming the node, the op, why, and the supported ops.
+Errors: a corrupt, truncated or invalid file -> :class:`ModelLoadError` naming it; a node whose initializers break
+its op's rules (a Conv bias longer than its output channels) -> :class:`ModelLoadError` naming the node; an ONNX op or
+op form the IR cannot express -> :class:`UnsupportedOpError` naming the node, the op, why, and the supported ops.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import logging
 import os
 from typing import Dict, Optional, Sequence, Set, Union
 
-from ..errors import ModelLoadError, UnsupportedOpError, VerificationError
+from ..errors import ModelLoadError, UnsupportedOpError, VerificationError, one_line
 from ..ir import Graph, Op, Value, sole_reader, verify
 from .activation_patterns import fuse_hard_activations
 from .onnx_layout import FLAT_CHW, NCHW, NHWC_TO_NCHW, SAME, Held
@@ -133,7 +134,12 @@ def load_onnx(path: Union[str, os.PathLike], inputs: Optional[Sequence[str]] = N
         if conv is None or (node.domain not in ("", "ai.onnx", None)):
             raise UnsupportedOpError(node.name or node.op, node.op if not node.domain else f"{node.domain}.{node.op}",
                                      SUPPORTED_ONNX_OPS, source=source)
-        conv(b, node)
+        try:
+            conv(b, node)
+        except (ValueError, IndexError, TypeError, KeyError) as exc:  # initializers that break the op's rules
+            log.debug("converting %s failed", node.name, exc_info=True)
+            raise ModelLoadError(f"{source}: node {node.name or node.op!r} ({node.op}) cannot be imported: "
+                                 f"{one_line(exc)}") from None
     outs, layouts = [], []
     for t in g.outputs:
         held = b.env.get(t.name)

@@ -67,6 +67,17 @@ class Builder:
         return UnsupportedOpError(node.name or node.op, node.op, SUPPORTED_ONNX_OPS, source=self.source,
                                   detail=detail)
 
+    def malformed(self, node, detail: str) -> ModelLoadError:
+        """A node that breaks the ONNX operator's own rules (e.g. a bias longer than the output channels)."""
+        return ModelLoadError(f"{self.source}: node {node.name or node.op!r} ({node.op}) is malformed: {detail}")
+
+    def vector(self, node, values, n: int, what: str) -> np.ndarray:
+        """``values`` as a float32 vector of ``n`` entries (one value is repeated); other sizes are malformed."""
+        v = np.asarray(values, np.float32).reshape(-1)
+        if v.size not in (1, n):
+            raise self.malformed(node, f"its {what} has {v.size} values for {n} channels")
+        return np.ascontiguousarray(np.broadcast_to(v, (n,)))
+
     # -- reading inputs -------------------------------------------------------------------------------------------
     @staticmethod
     def _present(node, i: int) -> bool:
@@ -259,7 +270,8 @@ def _conv(b: Builder, node) -> None:
                  node.name, group)
     ins = [x.value, b.const_value(k, (node.name or "conv") + "/kernel")]
     if bias is not None:
-        ins.append(b.const_value(np.broadcast_to(bias.astype(np.float32), (o,)), (node.name or "conv") + "/bias"))
+        ins.append(b.const_value(b.vector(node, bias, o, f"bias (weight {tuple(w.shape)})"),
+                                 (node.name or "conv") + "/bias"))
     n = b.add(op, ins, attrs, node)
     if meta_groups:
         n.meta["groups"] = meta_groups
@@ -296,7 +308,7 @@ def _gemm(b: Builder, node) -> None:
         c = np.asarray(c, np.float32) * np.float32(b.attr(node, "beta", 1.0))
         if c.ndim > 2 or (c.ndim == 2 and c.shape[0] != 1):
             raise b.unsupported(node, f"C of shape {c.shape} depends on the row (batch)")
-        bias = np.ascontiguousarray(np.broadcast_to(c.reshape(-1) if c.size > 1 else c.reshape(()), (k.shape[1],)))
+        bias = b.vector(node, c, k.shape[1], f"C (B {tuple(w.shape)})")
     _dense(b, node, x, np.ascontiguousarray(k), bias)
 
 
@@ -348,8 +360,7 @@ def _batchnorm(b: Builder, node) -> None:
     c = x.value.shape[-1]
     ins = [x.value]
     for p, what in zip(params, ("gamma", "beta", "mean", "variance")):
-        ins.append(b.const_value(np.broadcast_to(np.asarray(p, np.float32).reshape(-1), (c,)),
-                                 f"{node.name or 'bn'}/{what}"))
+        ins.append(b.const_value(b.vector(node, p, c, what), f"{node.name or 'bn'}/{what}"))
     n = b.add(Op.BATCH_NORM, ins, BatchNormAttrs(float(b.attr(node, "epsilon", 1e-5))), node)
     b.put(node, Held(n.output, x.layout))
 

@@ -29,7 +29,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import ModelLoadError, VerificationError
+from ..errors import ModelLoadError, VerificationError, one_line
 from ..ir import BatchNormAttrs, Graph, Op, Value, verify
 from ._tf_batchnorm import ADD_OPS, UnfusedBatchNorm, match_unfused_batchnorm
 from ._tf_ops import CONVERTERS, PARAM_INPUTS, Builder, fuse_biases
@@ -292,6 +292,10 @@ def graphdef_to_graph(graph_def, inputs: Names = None, outputs: Names = None, in
             b.env[(n, 0)] = _emit_batchnorm(b, matches[n]) if n in matches else CONVERTERS[op](b, n)
         except VerificationError as exc:
             raise ModelLoadError(f"{source}: node {n!r} ({op}) does not fit its inputs: {exc}") from None
+        except (ValueError, IndexError, TypeError, KeyError) as exc:  # constants that break the op's rules
+            log.debug("converting node %s failed", n, exc_info=True)
+            raise ModelLoadError(f"{source}: node {n!r} ({op}) cannot be imported: "
+                                 f"{one_line(exc)}") from None
     outs = []
     for ref in out_refs:
         r = view.resolve(ref)
