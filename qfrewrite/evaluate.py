@@ -15,7 +15,9 @@
 * ``label_offset``: subtracted from the arg-max before comparing with labels; ``None`` means 1 for a 1001-wide output
   (TF-slim's background class at index 0), else 0.
 
-Top-k counts a hit when the label is among the ``k`` largest outputs. Returns an :class:`EvalResult`.
+Top-k counts a hit when the label is among the ``k`` largest outputs. Labels that name no output of the model
+(:func:`labels_misfit`) give no accuracy: ``top1``/``top5`` stay ``None`` and ``labels_note`` says why. Returns an
+:class:`EvalResult`.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import numpy as np
 from .errors import DataError, QfrewriteError
 from .numerics.metrics import sqnr_db
 
-__all__ = ["evaluate", "EvalResult", "predict", "topk_accuracy", "sqnr_db"]
+__all__ = ["evaluate", "EvalResult", "predict", "topk_accuracy", "sqnr_db", "labels_misfit"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,8 @@ class EvalResult:
     top1_agreement: Optional[float] = None
     label_offset: int = 0
     seconds: float = 0.0
+    #: why the labels were not scored (they do not fit the model's outputs), else None
+    labels_note: Optional[str] = None
 
     def to_dict(self):
         return asdict(self)
@@ -53,6 +57,8 @@ class EvalResult:
         parts = [f"{self.images} images"]
         if self.top1 is not None:
             parts.append(f"top-1 {100 * self.top1:.2f}%  top-5 {100 * self.top5:.2f}%")
+        if self.labels_note:
+            parts.append(f"no accuracy: {self.labels_note}")
         if self.sqnr_db is not None:
             parts.append(f"SQNR {self.sqnr_db:.1f} dB  top-1 agreement {100 * self.top1_agreement:.2f}%")
         return ", ".join(parts)
@@ -64,6 +70,23 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1, offset: in
     k = min(k, scores.shape[1])
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k] - offset
     return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=1)))
+
+
+def labels_misfit(labels: np.ndarray, width: int, offset: int = 0) -> Optional[str]:
+    """Why ``labels`` cannot be scored against ``width`` outputs with ``offset`` subtracted, or ``None`` when they fit.
+
+    Class ``k`` is output ``k + offset``; a label outside ``0 .. width - offset - 1`` names no output (a 2-class model
+    given ImageNet labels), and every such image would count as a miss.
+    """
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return None
+    lo, hi, classes = int(labels.min()), int(labels.max()), int(width) - int(offset)
+    if lo >= 0 and hi < classes:
+        return None
+    shift = f" ({classes} classes after the label offset {offset})" if offset else ""
+    return (f"the labels do not fit the model: class indices {lo}..{hi}, the model gives {width} scores per "
+            f"image{shift}")
 
 
 # -- running models ------------------------------------------------------------------------------------------------
@@ -198,8 +221,12 @@ def evaluate(model, images, labels=None, reference=None, preprocess=None, limit:
     offset = label_offset if label_offset is not None else (1 if width == 1001 else 0)
     res = EvalResult(images=len(x), label_offset=int(offset))
     if labels is not None:
-        res.top1 = topk_accuracy(scores, labels, 1, offset)
-        res.top5 = topk_accuracy(scores, labels, 5, offset)
+        res.labels_note = labels_misfit(labels, width, offset)
+        if res.labels_note:
+            log.info("no accuracy: %s", res.labels_note)
+        else:
+            res.top1 = topk_accuracy(scores, labels, 1, offset)
+            res.top5 = topk_accuracy(scores, labels, 5, offset)
     if reference is not None:
         ref = np.asarray(reference, np.float32) if isinstance(reference, np.ndarray) else \
             predict(_loaded(reference), x, batch_size)

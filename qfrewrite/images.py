@@ -1,7 +1,8 @@
 """Image folders as calibration and evaluation data: reading, resizing, centre cropping, preprocessing, labels.
 
 An image folder holds JPEG/PNG files, flat or one sub-folder per class (``labels.tsv`` optional). Every image is
-converted to RGB (grey, palette, RGBA and CMYK images included), its shorter side resized to ``shorter_side``
+converted to 8-bit RGB (grey, palette, RGBA and CMYK images included; 16-bit and float images rescaled, not clipped:
+:func:`_to_rgb`), its shorter side resized to ``shorter_side``
 (default ``round(crop / 0.875)``: 256 for a 224 model, the usual ImageNet evaluation) and centre cropped to the
 model's input size at offset ``round((w - crop_w) / 2), round((h - crop_h) / 2)``. Decoded crops are kept as uint8
 (a quarter of the float size) and normalised batch by batch as ``(x - mean) / std`` on 0..255 RGB values.
@@ -19,11 +20,17 @@ in ``graph.meta["preprocess"]`` (a preset name or ``(mean, std)``); otherwise th
 
 ``labels.tsv`` (tab separated: ``file``, ``class_index``, further columns ignored; a header line is optional) maps a
 file name, relative to the folder, to its class index.
+
+Bad files raise :class:`DataError` naming them: an unreadable or truncated image, an image larger than Pillow's
+decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS`` times 2, about 179 megapixels: refused, not skipped, like
+any unreadable image, so that the calibration set is never silently changed), a labels file that is not UTF-8 (with
+its line), and a folder whose decoded images would not fit in memory.
 """
 from __future__ import annotations
 
 import logging
 import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +40,15 @@ import numpy as np
 
 from .data import CalibrationSet
 from .errors import DataError
+from .resources import require_memory
 
 __all__ = ["PRESETS", "Preprocess", "resolve_preprocess", "ImageFolder", "ImageSet", "list_images", "load_image",
-           "read_labels", "load_image_folder", "IMAGE_SUFFIXES"]
+           "read_labels", "load_image_folder", "folder_reads", "IMAGE_SUFFIXES", "LABELS_FILE"]
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LABELS_FILE = "labels.tsv"
 #: ImageNet evaluation: the crop is 87.5% of the resized shorter side (224 of 256).
 CROP_FRACTION = 0.875
 
@@ -113,40 +122,95 @@ def list_images(folder: Union[str, os.PathLike]) -> List[Path]:
         raise DataError(f"image folder {folder} does not exist")
     if not folder.is_dir():
         raise DataError(f"{folder} is not a folder: give a folder of JPEG/PNG images, a numpy array or batches")
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
-    for sub in folder.iterdir():
-        if sub.is_dir() and not sub.name.startswith("."):
-            files.extend(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    try:
+        files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+        for sub in folder.iterdir():
+            if sub.is_dir() and not sub.name.startswith("."):
+                files.extend(p for p in sub.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        raise DataError(f"cannot list image folder {exc.filename or folder}: {exc.strerror or exc}") from None
     files = [p for p in files if not p.name.startswith(".")]
     if not files:
         raise DataError(f"image folder {folder} holds no JPEG/PNG images (flat, or one sub-folder per class)")
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
 
 
-def read_labels(folder: Union[str, os.PathLike], name: str = "labels.tsv") -> Dict[str, int]:
-    """``{relative file path: class index}`` from ``folder/labels.tsv`` (``file<TAB>class_index[<TAB>...]``)."""
+def read_labels(folder: Union[str, os.PathLike], name: str = LABELS_FILE) -> Dict[str, int]:
+    """``{relative file path: class index}`` from ``folder/labels.tsv`` (``file<TAB>class_index[<TAB>...]``).
+
+    UTF-8 (a byte-order mark is allowed), any line ending; a first line whose index is not a number is a header;
+    ``./`` before a file name is ignored. A line that is not UTF-8, lacks a column, or holds a non-integer or negative
+    index raises :class:`DataError` naming the file and line.
+    """
     path = Path(folder) / name
     if not path.is_file():
         raise DataError(f"no {name} in {folder}: give labels= explicitly (one class index per image), or a "
                         f"{name} with lines 'file<TAB>class_index'")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
     out: Dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.rstrip("\r\n")
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            if len(cols) < 2:
-                raise DataError(f"{path}:{lineno}: expected 'file<TAB>class_index', got {line!r}")
-            try:
-                out[cols[0]] = int(cols[1])
-            except ValueError:
-                if lineno == 1:
-                    continue  # header
-                raise DataError(f"{path}:{lineno}: class index {cols[1]!r} is not an integer") from None
+    for lineno, bline in enumerate(raw.splitlines(), 1):
+        try:
+            line = bline.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{bline[exc.start]:02x} at column "
+                            f"{exc.start + 1}); save {name} as UTF-8") from None
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) < 2:
+            raise DataError(f"{path}:{lineno}: expected 'file<TAB>class_index', got {line!r}")
+        try:
+            index = int(cols[1])
+        except ValueError:
+            if lineno == 1:
+                continue  # header
+            raise DataError(f"{path}:{lineno}: class index {cols[1]!r} is not an integer") from None
+        if index < 0:
+            raise DataError(f"{path}:{lineno}: class index {index} is negative")
+        key = cols[0][2:] if cols[0].startswith("./") else cols[0]
+        out[key] = index
     if not out:
         raise DataError(f"{path} holds no labels")
     return out
+
+
+def folder_reads(relative: Union[str, os.PathLike]) -> bool:
+    """Whether an image folder reads the file at ``relative`` (a path inside it): an image at the top or one
+    sub-folder down, or the top-level labels file. Outputs must not land on such a path."""
+    rel = Path(relative)
+    if any(part.startswith(".") for part in rel.parts):
+        return False
+    return (len(rel.parts) <= 2 and rel.suffix.lower() in IMAGE_SUFFIXES) or rel.as_posix() == LABELS_FILE
+
+
+def _to_rgb(im):
+    """An 8-bit RGB copy of a PIL image of any mode, high bit depths rescaled (never clipped at 255).
+
+    16-bit grey (``I;16*``) and 32-bit integer (``I``, which older Pillow uses for 16-bit PNGs) are read as 16-bit
+    data: ``round(v / 257)``. Float (``F``): values in [0, 1] are scaled by 255, in [0, 255] kept, larger ones read as
+    16-bit. Alpha is dropped and palettes expanded (``convert("RGB")``, as torchvision and Keras read images); Pillow
+    reads 16-bit RGB(A) and grey+alpha PNGs as 8-bit already.
+    """
+    from PIL import Image
+
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, np.float64)
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"mode {mode} image holds NaN or Inf pixels")
+        top = float(a.max()) if a.size else 0.0
+        if mode == "F" and top <= 1.0:
+            a = a * 255.0
+        elif mode != "F" or top > 255.0:
+            a = a / 257.0
+        grey = np.clip(np.round(a), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    return im.convert("RGB")
 
 
 def load_image(path: Union[str, os.PathLike], size: Tuple[int, int],
@@ -159,7 +223,7 @@ def load_image(path: Union[str, os.PathLike], size: Tuple[int, int],
     target = max(target, h, w)
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = _to_rgb(im)
             iw, ih = im.size
             if min(iw, ih) != target:
                 s = target / min(iw, ih)
@@ -167,8 +231,10 @@ def load_image(path: Union[str, os.PathLike], size: Tuple[int, int],
                 im = im.resize((iw, ih), Image.Resampling.BILINEAR)
             left, top = int(round((iw - w) / 2)), int(round((ih - h) / 2))
             arr = np.asarray(im.crop((left, top, left + w, top + h)), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path}: {exc}") from None
+    except Image.DecompressionBombError as exc:
+        raise DataError(f"image {path} refused: {exc} Remove it from the folder or shrink it.") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, MemoryError) as exc:
+        raise DataError(f"cannot read image {path}: {exc or type(exc).__name__}") from None
     return arr
 
 
@@ -247,8 +313,21 @@ class ImageFolder:
                             f"{graph.inputs[0].name!r} expects {shape[3]} channels")
         if shape[1] is None or shape[2] is None:
             raise DataError(f"the model input {graph.inputs[0].name!r} has open spatial dimensions {tuple(shape)}: "
-                            f"pass size=(h, w) to ImageFolder or input_shape= when loading")
+                            f"pass size=(h, w) to ImageFolder, or input_shape= when loading (--input-shape)")
         return int(shape[1]), int(shape[2])
+
+    def _labels(self, files: List[Path]) -> Optional[np.ndarray]:
+        """The class index of each file from the folder's labels file, or ``None`` (no file, or files without one)."""
+        if not (self.path / LABELS_FILE).is_file():
+            return None
+        table = read_labels(self.path)
+        rel = [f.relative_to(self.path).as_posix() for f in files]
+        missing = [r for r in rel if r not in table]
+        if missing:
+            log.warning("%s/%s has no label for %d images (e.g. %s): labels not used",
+                        self.path, LABELS_FILE, len(missing), missing[0])
+            return None
+        return np.array([table[r] for r in rel], np.int64)
 
     def read(self, graph=None, batch_size: int = 32, preprocess=None) -> ImageSet:
         """Decode the images for ``graph`` (its input size and default preprocessing)."""
@@ -261,26 +340,31 @@ class ImageFolder:
             if int(self.limit) < 1:
                 raise DataError(f"image limit must be a positive number, got {self.limit}")
             files = files[:int(self.limit)]
+        labels = self._labels(files)  # before decoding: a bad labels file is reported at once
+        require_memory(len(files) * size[0] * size[1] * 3,
+                       f"decoding {len(files)} images of {self.path} at {size[0]}x{size[1]}", DataError,
+                       "use fewer images (--limit) or a smaller input size")
         out = np.empty((len(files), size[0], size[1], 3), np.uint8)
 
         def work(i):
             out[i] = load_image(files[i], size, self.shorter_side)
 
         disable = None if self.progress is None else not self.progress
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for _ in tqdm(pool.map(work, range(len(files))), total=len(files), desc=f"reading {self.path.name}",
-                          unit="img", disable=disable, leave=False):
-                pass
-        labels = None
-        if (self.path / "labels.tsv").is_file():
-            table = read_labels(self.path)
-            rel = [f.relative_to(self.path).as_posix() for f in files]
-            if all(r in table for r in rel):
-                labels = np.array([table[r] for r in rel], np.int64)
-            else:
-                missing = [r for r in rel if r not in table]
-                log.warning("%s/labels.tsv has no label for %d images (e.g. %s): labels not used",
-                            self.path, len(missing), missing[0])
+        from PIL import Image
+
+        # photos between Pillow's warning and error limits decode fine; its warning would be noise (the filter is
+        # process-wide while the block runs, so the worker threads see it too)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            pool = ThreadPoolExecutor(max_workers=self.workers)
+            try:
+                for _ in tqdm(pool.map(work, range(len(files))), total=len(files),
+                              desc=f"reading {self.path.name}", unit="img", disable=disable, leave=False):
+                    pass
+            except BaseException:  # a bad image or Ctrl-C: drop the queued images instead of decoding them all
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
         log.info("read %d images from %s (%dx%d, preprocess %s)", len(files), self.path, size[0], size[1], pre.name)
         return ImageSet(out, pre, batch_size, files, labels, name=str(self.path))
 
