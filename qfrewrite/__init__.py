@@ -13,9 +13,9 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of user output
 
 from .api import Result, load, rewrite  # noqa: E402
-from .errors import (ContractError, DataError, EmitError, GraphError, ModelLoadError, PassError,  # noqa: E402
-                     PipelineOrderError, PostconditionError, PreconditionError, QfrewriteError, SpecConflictError,
-                     UnsupportedOpError, VerificationError)
+from .errors import (ContractError, DataError, EmitError, GraphError, ModelLoadError, OutputError,  # noqa: E402
+                     PassError, PipelineOrderError, PostconditionError, PreconditionError, QfrewriteError,
+                     SpecConflictError, UnsupportedOpError, VerificationError)
 from .evaluate import evaluate  # noqa: E402
 from .ir import Graph, Node, Op, Value  # noqa: E402
 from .pass_infra import Context, Pass, PassManager, PassResult, Skip  # noqa: E402
@@ -29,5 +29,5 @@ __all__ = [
     "rewrite", "load", "evaluate", "Result", "Graph", "Node", "Op", "Value", "Pass", "PassResult", "PassManager", "Context",
     "Skip", "QuantSpec", "QfrewriteError", "ModelLoadError", "UnsupportedOpError", "GraphError", "VerificationError",
     "PassError", "ContractError", "PipelineOrderError", "PreconditionError", "PostconditionError", "SpecConflictError",
-    "DataError", "EmitError", "__version__",
+    "DataError", "EmitError", "OutputError", "__version__",
 ]

@@ -1,6 +1,7 @@
 """The public entry points: :func:`load` and :func:`rewrite`, and the :class:`Result` they give."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Optional, Sequence, Union
@@ -34,16 +35,43 @@ class Result:
 
     def to_tflite(self, path: Optional[Union[str, os.PathLike]] = None, quantized: Optional[bool] = None,
                   io_dtype: str = "float32") -> bytes:
-        """Write a TFLite flatbuffer (fully int8 when the graph carries FakeQuant, else float); returns its bytes."""
+        """Write a TFLite flatbuffer (fully int8 when the graph carries FakeQuant, else float); returns its bytes.
+
+        ``path`` is written atomically and may not be the source model (:class:`~qfrewrite.errors.OutputError`).
+        """
         from .emit.tflite import emit_tflite
 
-        return emit_tflite(self.graph, path, quantized=quantized, io_dtype=io_dtype)
+        with self._output(path, "the TFLite model") as write:
+            flatbuffer = emit_tflite(self.graph, None, quantized=quantized, io_dtype=io_dtype)
+            write(flatbuffer)
+        return flatbuffer
 
     def to_onnx(self, path: Optional[Union[str, os.PathLike]] = None, quantized: Optional[bool] = None):
-        """Write an ONNX model (float, or QDQ when the graph carries FakeQuant); returns the ``onnx.ModelProto``."""
+        """Write an ONNX model (float, or QDQ when the graph carries FakeQuant); returns the ``onnx.ModelProto``.
+
+        ``path`` as for :meth:`to_tflite`.
+        """
         from .emit.onnx_emitter import emit_onnx
 
-        return emit_onnx(self.graph, path, quantized=quantized)
+        with self._output(path, "the ONNX model") as write:
+            model = emit_onnx(self.graph, None, quantized=quantized)
+            write(model.SerializeToString())
+        return model
+
+    @contextlib.contextmanager
+    def _output(self, path, what: str):
+        """Yield ``write(bytes)`` for ``path`` (a no-op without one), checked against the source model first."""
+        if path is None:
+            yield lambda data: None
+            return
+        from .io_utils import OutputSet
+
+        source = self.graph.meta.get("source")
+        with OutputSet([("the source model", source if isinstance(source, str) and os.path.exists(source)
+                         else None)]) as outs:
+            target = outs.add(path, what)
+            yield lambda data: outs.write_bytes(target, data)
+        log.info("wrote %s", path)
 
     def to_keras(self):
         """A float Keras model of the graph (for fine-tuning in TensorFlow before quantizing)."""

@@ -3,8 +3,9 @@ read it back and check it against the float model on held-back images.
 
 ``convert(model, output, data, recipe="dfq", weights="per_channel", ...)`` returns a :class:`ConvertSummary` and
 writes, beside ``output`` (``OUT.tflite``), the report JSON ``OUT.json``: the pass report, the emitted model's op
-counts and size, and the float-vs-int8 agreement. Images are split deterministically: ``holdout`` images, evenly
-spaced over the sorted file list, are held back from calibration and used only for the agreement check.
+counts and size, and the float-vs-int8 agreement (top-1 too when the folder's labels fit the model's outputs).
+Images are split deterministically: ``holdout`` images, evenly spaced over the sorted file list, are held back from
+calibration and used only for the agreement check. Every output is written all or nothing, never over an input.
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
-from .errors import DataError, QfrewriteError
+from .errors import DataError, OutputError, QfrewriteError
 
-__all__ = ["convert", "ConvertSummary", "RECIPES", "split_holdout"]
+__all__ = ["convert", "plan_outputs", "ConvertSummary", "RECIPES", "split_holdout"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ class ConvertSummary:
     agreement: Optional[Dict[str, Any]] = None
     top1_float: Optional[float] = None
     top1_int8: Optional[float] = None
+    labels_note: Optional[str] = None
     onnx: Optional[str] = None
     seconds: float = 0.0
     passes: list = field(default_factory=list)
@@ -69,6 +71,8 @@ class ConvertSummary:
         if self.top1_float is not None:
             lines.append(f"top-1 on held-back images: float {100 * self.top1_float:.1f}%, "
                          f"int8 {100 * self.top1_int8:.1f}%")
+        elif self.labels_note:
+            lines.append(f"top-1        not measured: {self.labels_note}")
         if self.onnx:
             lines.append(f"onnx         {self.onnx}")
         lines.append(f"report       {self.report_json}")
@@ -100,23 +104,57 @@ def _recipe_passes(recipe: str, weights: str, activations: Optional[str]):
     return getattr(recipes, recipe)(**kwargs)
 
 
+def plan_outputs(outs, output: Union[str, os.PathLike], onnx_output=None) -> Dict[str, Path]:
+    """Plan the files :func:`convert` writes into the :class:`~qfrewrite.io_utils.OutputSet` ``outs``:
+    ``{"tflite", "report", "onnx"}`` paths (``onnx`` only when asked for)."""
+    output = Path(output)
+    if output.suffix.lower() != ".tflite":
+        raise OutputError(f"output {output} must end in .tflite (the TFLite model; its report goes beside it as .json)")
+    paths = {"tflite": outs.add(output, "the TFLite model"),
+             "report": outs.add(output.with_suffix(".json"), "the report (beside the TFLite model)")}
+    if onnx_output is not None:
+        paths["onnx"] = outs.add(onnx_output, "the ONNX model")
+    return paths
+
+
 def convert(model, output: Union[str, os.PathLike], data, recipe: str = "dfq", weights: str = "per_channel",
             activations: Optional[str] = None, preprocess=None, onnx_output: Optional[Union[str, os.PathLike]] = None,
             holdout: Optional[int] = None, limit: Optional[int] = None, io_dtype: str = "float32",
-            inputs=None, outputs=None, input_shape=None, progress: Optional[bool] = None) -> ConvertSummary:
-    """Convert ``model`` to a fully int8 TFLite file at ``output`` (see the module docstring)."""
+            inputs=None, outputs=None, input_shape=None, progress: Optional[bool] = None,
+            output_set=None) -> ConvertSummary:
+    """Convert ``model`` to a fully int8 TFLite file at ``output`` (see the module docstring).
+
+    The outputs (``output``, its ``.json`` report, ``onnx_output``) are written all or nothing: planned and checked
+    against each other and the inputs before any work, renamed into place together at the end
+    (:class:`~qfrewrite.io_utils.OutputSet`). ``output_set``: an OutputSet of a larger job to join instead (the
+    caller commits it; until then the files are at ``output_set.staged(path)``).
+    """
+    from .io_utils import OutputSet
+
+    if output_set is not None:
+        return _convert(output_set, model, output, data, recipe, weights, activations, preprocess, onnx_output,
+                        holdout, limit, io_dtype, inputs, outputs, input_shape, progress)
+    with OutputSet() as outs:
+        return _convert(outs, model, output, data, recipe, weights, activations, preprocess, onnx_output, holdout,
+                        limit, io_dtype, inputs, outputs, input_shape, progress)
+
+
+def _convert(outs, model, output, data, recipe, weights, activations, preprocess, onnx_output, holdout, limit,
+             io_dtype, inputs, outputs, input_shape, progress) -> ConvertSummary:
     from . import load, rewrite
     from .evaluate import evaluate
-    from .images import ImageFolder, ImageSet
-    from .io_utils import atomic_write_bytes
+    from .images import ImageFolder, ImageSet, folder_reads
+    from .report import jsonable
     from .tflite_inspect import float_ops, inspect_tflite
 
     t0 = time.perf_counter()
-    output = Path(output)
-    if output.suffix.lower() != ".tflite":
-        raise QfrewriteError(f"output {output} must end in .tflite")
-    graph = load(model, inputs=inputs, outputs=outputs, input_shape=input_shape)
+    outs.add_input(model, "the model")
+    folder = data.path if isinstance(data, ImageFolder) else data
+    outs.add_input(folder if isinstance(folder, (str, os.PathLike)) else None, "the calibration images",
+                   folder_reads)
+    paths = plan_outputs(outs, output, onnx_output)
     passes = _recipe_passes(recipe, weights, activations)
+    graph = load(model, inputs=inputs, outputs=outputs, input_shape=input_shape)
     if isinstance(data, ImageSet):
         images = data
     elif isinstance(data, (str, os.PathLike, ImageFolder)):
@@ -134,31 +172,31 @@ def convert(model, output: Union[str, os.PathLike], data, recipe: str = "dfq", w
     log.info("calibrating on %d images, holding back %d", len(calib), 0 if held is None else len(held))
 
     result = rewrite(graph, passes=passes, data=calib)
-    flatbuffer = result.to_tflite(output, io_dtype=io_dtype)
+    flatbuffer = result.to_tflite(None, io_dtype=io_dtype)
     info = inspect_tflite(flatbuffer)
     fully_int = not float_ops(info)
     in_t = info.tensors[info.inputs[0]]
-    agreement = top1_f = top1_q = None
+    agreement = top1_f = top1_q = labels_note = None
     if held is not None and len(held):
         ev = evaluate(flatbuffer, held, reference=graph)
         agreement = {"top1_agreement": ev.top1_agreement, "sqnr_db": ev.sqnr_db, "images": ev.images}
-        if held.labels is not None:
+        labels_note = ev.labels_note
+        if ev.top1 is not None:
             top1_q = ev.top1
             top1_f = evaluate(graph, held).top1
-    onnx_path = None
-    if onnx_output is not None:
-        result.to_onnx(onnx_output)
-        onnx_path = str(onnx_output)
+    onnx_bytes = result.to_onnx(None).SerializeToString() if "onnx" in paths else None
     summary = ConvertSummary(
         model=str(model if isinstance(model, (str, os.PathLike)) else getattr(model, "name", type(model).__name__)),
-        output=str(output), report_json=str(output.with_suffix(".json")), recipe=recipe, weights=weights,
+        output=str(paths["tflite"]), report_json=str(paths["report"]), recipe=recipe, weights=weights,
         size_bytes=len(flatbuffer), op_counts=info.op_counts(), fully_integer=fully_int,
         input_dtype=np.dtype(in_t.dtype).name, calibration_images=len(calib),
         holdout_images=0 if held is None else len(held), agreement=agreement, top1_float=top1_f, top1_int8=top1_q,
-        onnx=onnx_path, passes=[p.name for p in passes])
+        labels_note=labels_note, onnx=str(paths["onnx"]) if "onnx" in paths else None,
+        passes=[p.name for p in passes])
     summary.seconds = time.perf_counter() - t0
     doc = {"summary": summary.to_dict(), "report": result.report.to_dict()}
-    from .report import jsonable
-
-    atomic_write_bytes(summary.report_json, json.dumps(jsonable(doc), indent=2).encode())
+    outs.write_bytes(paths["tflite"], flatbuffer)
+    if onnx_bytes is not None:
+        outs.write_bytes(paths["onnx"], onnx_bytes)
+    outs.write_bytes(paths["report"], json.dumps(jsonable(doc), indent=2).encode())
     return summary

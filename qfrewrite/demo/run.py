@@ -41,35 +41,42 @@ def top5(model, photo: Union[str, Path], size=(224, 224)) -> List[Dict[str, floa
 
 
 def run_demo(out_dir: Union[str, Path] = "qfrewrite-demo", photo: Optional[str] = None, echo=print) -> Dict:
-    """Run the demo, writing into ``out_dir``; ``echo`` prints each block (a rich console's ``print`` works)."""
+    """Run the demo, writing into ``out_dir``; ``echo`` prints each block (a rich console's ``print`` works).
+
+    Its three files (float and int8 TFLite, the report) are planned before the work and written all or nothing.
+    """
     from .. import rewrite
-    from ..convert import convert
+    from ..convert import convert, plan_outputs
     from ..diagnose import diagnose
+    from ..images import folder_reads
+    from ..io_utils import OutputSet
     from ..passes import FoldBatchNorm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     photo_path = Path(photo) if photo else DEMO_IMAGES / "grace_hopper.jpg"
+    with OutputSet([("the bundled model", DEMO_MODEL), ("the bundled photos", DEMO_IMAGES, folder_reads),
+                    ("the photo", photo_path)]) as outs:
+        float_path = outs.add(out / "mobilenet_v1_0.25_float.tflite", "the float model")
+        int8_path = plan_outputs(outs, out / "mobilenet_v1_0.25_int8.tflite")["tflite"]
 
-    echo(f"[1/3] Diagnosis of {DEMO_MODEL.name} (per-tensor 8-bit weights, BatchNorm folded)")
-    diag = diagnose(DEMO_MODEL)
-    for r in diag.renderables(5):
-        echo(r)
+        echo(f"[1/3] Diagnosis of {DEMO_MODEL.name} (per-tensor 8-bit weights, BatchNorm folded)")
+        diag = diagnose(DEMO_MODEL)
+        for r in diag.renderables(5):
+            echo(r)
 
-    echo(f"\n[2/3] Conversion: recipe dfq, per-channel weights, calibrated on the {len(list(DEMO_IMAGES.glob('*.jpg')))}"
-         f" bundled photos")
-    float_path = out / "mobilenet_v1_0.25_float.tflite"
-    rewrite(DEMO_MODEL, passes=[FoldBatchNorm()], stats=False).to_tflite(float_path)
-    int8_path = out / "mobilenet_v1_0.25_int8.tflite"
-    summary = convert(DEMO_MODEL, int8_path, DEMO_IMAGES, recipe="dfq", weights="per_channel",
-                      preprocess=PREPROCESS, holdout=0)
-    echo(str(summary))
-    echo(f"float model  {float_path} ({float_path.stat().st_size / 1024:.1f} KiB)")
+        echo(f"\n[2/3] Conversion: recipe dfq, per-channel weights, calibrated on the "
+             f"{len(list(DEMO_IMAGES.glob('*.jpg')))} bundled photos")
+        float_file = outs.write_bytes(float_path, rewrite(DEMO_MODEL, passes=[FoldBatchNorm()],
+                                                          stats=False).to_tflite(None))
+        summary = convert(DEMO_MODEL, int8_path, DEMO_IMAGES, recipe="dfq", weights="per_channel",
+                          preprocess=PREPROCESS, holdout=0, output_set=outs)
+        echo(str(summary))
+        echo(f"float model  {float_path} ({float_file.stat().st_size / 1024:.1f} KiB)")
 
-    echo(f"\n[3/3] Top-5 classes of {photo_path.name}")
-    rows_f, rows_q = top5(float_path, photo_path), top5(int8_path, photo_path)
-    echo(f"{'float':<40} {'int8':<40}")
-    for a, b in zip(rows_f, rows_q):
-        echo(f"{a['class'][:30]:<30} {a['score']:8.3f}  {b['class'][:30]:<30} {b['score']:8.3f}")
+        echo(f"\n[3/3] Top-5 classes of {photo_path.name}")
+        rows_f, rows_q = top5(float_file, photo_path), top5(outs.staged(int8_path), photo_path)
+        echo(f"{'float':<40} {'int8':<40}")
+        for a, b in zip(rows_f, rows_q):
+            echo(f"{a['class'][:30]:<30} {a['score']:8.3f}  {b['class'][:30]:<30} {b['score']:8.3f}")
     return {"summary": summary, "float_top5": rows_f, "int8_top5": rows_q, "float_model": str(float_path),
             "int8_model": str(int8_path)}

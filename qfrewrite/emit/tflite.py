@@ -38,7 +38,8 @@ def concrete_function(graph: Graph, batch: int = 1, quantize: bool = True):
     specs = []
     for i, v in enumerate(graph.inputs):
         if any(d is None for d in v.shape[1:]):
-            raise EmitError(f"input {v.name} has open dimensions {v.shape}: give input_shape= when loading")
+            raise EmitError(f"input {v.name} has open dimensions {v.shape}: give input_shape= when loading "
+                            "(--input-shape)")
         specs.append(tf.TensorSpec([batch, *v.shape[1:]], tf.float32, name=f"input_{i}"))
 
     @tf.function(input_signature=specs, autograph=False)
