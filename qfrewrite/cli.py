@@ -8,21 +8,34 @@
 
 Adding a command: decorate a function with ``@main.command()``, add :func:`data_options` for the shared calibration
 data options, and :func:`reports_errors` so a :class:`~qfrewrite.errors.QfrewriteError` (an unreadable model, bad
-data) ends with a one-line message and exit status 1, never a traceback (``-vv`` logs it). Heavy modules (TensorFlow,
+data) ends with a one-line message and exit status 1, never a traceback (``-vv`` logs it). A command that writes
+files plans them in a :class:`~qfrewrite.io_utils.OutputSet` before its long work. Heavy modules (TensorFlow,
 matplotlib, rich) are imported inside the commands, so ``--help`` and start-up stay fast.
+
+Exit status: 0 success; 1 an error (one line ``Error: ...``); 2 a usage error (a missing or bad option, also one line
+``Error: ... (see 'qfrewrite CMD --help')``); 130 interrupted (Ctrl-C; SIGTERM gives 143). Either way no output file
+is left half-written or changed. The terminal: each warning once (``qfrewrite: WARNING: ...``); other libraries'
+log records and TensorFlow's native start-up lines only with ``-v``/``-vv`` (:mod:`qfrewrite.native_log`).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import signal
 import sys
+import threading
 from typing import Optional
 
 import click
 
-__all__ = ["main", "data_options", "reports_errors", "parse_preprocess", "console"]
+__all__ = ["main", "data_options", "input_shape_option", "reports_errors", "parse_preprocess", "parse_input_shape",
+           "console", "EXIT_USAGE", "EXIT_INTERRUPTED"]
 
 log = logging.getLogger("qfrewrite.cli")
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 def parse_preprocess(value: Optional[str]):
@@ -58,9 +71,38 @@ def data_options(f):
     return f
 
 
+def parse_input_shape(value: Optional[str]):
+    """``--input-shape``: comma-separated positive integers, ``?`` (or empty, ``None``) for a dimension left open."""
+    if not value:
+        return None
+    dims = []
+    for d in value.split(","):
+        d = d.strip()
+        if d in ("", "?", "None"):
+            dims.append(None)
+            continue
+        try:
+            n = int(d)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise click.BadParameter(f"{value!r}: expected positive integers (or ? for an open dimension), "
+                                     f"such as 1,3,224,224")
+        dims.append(n)
+    return tuple(dims)
+
+
+def input_shape_option(f):
+    """``--input-shape D,D,D,D``, parsed by :func:`parse_input_shape`."""
+    return click.option("--input-shape", "input_shape", default=None, metavar="D,D,D,D",
+                        callback=lambda ctx, param, value: parse_input_shape(value),
+                        help="Fix open input dimensions, in the source model's own layout (e.g. 1,3,48,320 "
+                             "for NCHW).")(f)
+
+
 def reports_errors(f):
     """Turn qfrewrite's errors (and any other failure) into a one-line message and exit status 1."""
-    from .errors import QfrewriteError
+    from .errors import QfrewriteError, one_line
 
     @functools.wraps(f)
     def wrapper(*args, **kwargs):
@@ -70,13 +112,54 @@ def reports_errors(f):
             raise
         except QfrewriteError as exc:
             log.debug("%s failed", f.__name__, exc_info=True)
-            raise click.ClickException(" ".join(str(exc).split())) from None
+            raise click.ClickException(one_line(exc)) from None
         except Exception as exc:  # a failure we did not foresee: still one line, the traceback at -vv
             log.debug("%s failed", f.__name__, exc_info=True)
-            msg = " ".join(str(exc).split()) or "no message"
-            raise click.ClickException(f"{type(exc).__name__}: {msg} (run with -vv for the traceback)") from None
+            raise click.ClickException(f"{type(exc).__name__}: {one_line(exc)} (run with -vv for the traceback)") \
+                from None
 
     return wrapper
+
+
+class _Group(click.Group):
+    """A click group whose usage errors are one line and exit 2, Ctrl-C exits 130, SIGTERM 143 (see the module
+    docstring); SIGTERM unwinds like Ctrl-C so that no staged output is left behind."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        with _sigterm_exits():
+            try:
+                rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            except click.UsageError as exc:
+                hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+                click.echo(f"Error: {exc.format_message().rstrip('.')}{hint}", err=True)
+                sys.exit(EXIT_USAGE)
+            except click.ClickException as exc:
+                exc.show()
+                sys.exit(exc.exit_code)
+            except (click.Abort, KeyboardInterrupt, EOFError):
+                click.echo("Interrupted.", err=True)  # click has ended the ^C line
+                sys.exit(EXIT_INTERRUPTED)
+            sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@contextlib.contextmanager
+def _sigterm_exits():
+    """During the block (main thread only), SIGTERM raises ``SystemExit(143)``, so that ``finally`` and ``with``
+    blocks (the staged outputs) unwind as they do for Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def console():
@@ -89,20 +172,59 @@ def console():
     return c
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler on whatever ``sys.stderr`` is when a record is emitted (test runners swap it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging(verbose: int) -> None:
+    """qfrewrite's records on stderr once each (``qfrewrite: LEVEL: message``), at WARNING, -v INFO, -vv DEBUG.
+
+    qfrewrite's logger does not propagate: TensorFlow's absl logging gives the root logger a handler of its own the
+    first time it logs, which would print every record a second time. Other libraries' records reach the root
+    logger: dropped at the default verbosity, shown from WARNING at -v and all at -vv. TensorFlow's native start-up
+    lines are filtered unless -vv (:mod:`qfrewrite.native_log`).
+    """
+    from . import native_log
+
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logger = logging.getLogger("qfrewrite")
     logger.setLevel(level)
+    logger.propagate = False
     # TensorFlow's own Python warnings (tf.function retracing notes) are noise for a command-line user
     logging.getLogger("tensorflow").setLevel(logging.ERROR if verbose < 2 else logging.DEBUG)
     if not any(getattr(h, "_qfrewrite_cli", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("qfrewrite: %(levelname)s: %(message)s"))
         handler._qfrewrite_cli = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if getattr(h, "_qfrewrite_cli", False)]:
+        root.removeHandler(h)
+    if verbose <= 0:
+        others = logging.NullHandler()
+    else:
+        others = _StderrHandler()
+        others.setFormatter(logging.Formatter("%(name)s: %(levelname)s: %(message)s"))
+        others.setLevel(logging.WARNING if verbose == 1 else logging.DEBUG)
+    others._qfrewrite_cli = True  # type: ignore[attr-defined]
+    root.addHandler(others)
+    native_log.ENABLED = verbose < 2
+    if native_log.ENABLED:
+        native_log.quiet_tensorflow_import()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-v", "--verbose", count=True, help="-v: progress messages; -vv: debug messages and tracebacks.")
 @click.version_option(package_name="qfrewrite", prog_name="qfrewrite")
 def main(verbose: int) -> None:
@@ -120,8 +242,9 @@ def main(verbose: int) -> None:
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1),
               help="How many of the ranked layers to print (and plot: at most 8).")
 @click.option("--bits", default=8, show_default=True, type=click.IntRange(2, 16), help="Weight bit width.")
+@input_shape_option
 @reports_errors
-def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_path, top, bits) -> None:
+def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_path, top, bits, input_shape) -> None:
     """Rank the layers of MODEL by how badly per-tensor 8-bit weights would hurt them, name their outlier and dead
     channels (with the BatchNorm scales behind them) and suggest the passes that fix them.
 
@@ -129,18 +252,23 @@ def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_pa
     per-channel activation ranges are measured too.
     """
     from .diagnose import diagnose as run_diagnose
+    from .images import folder_reads
+    from .io_utils import OutputSet
 
-    result = run_diagnose(model, data, preprocess=parse_preprocess(preprocess), limit=limit, batch_size=batch_size,
-                          bits=bits)
-    out = console()
-    for r in result.renderables(top):
-        out.print(r)
-    if json_path:
-        result.to_json(json_path)
-        click.echo(f"wrote {json_path}", err=True)
-    if plot_path:
-        result.plot(plot_path, top=min(top, 8))
-        click.echo(f"wrote {plot_path}", err=True)
+    with OutputSet([("the model", model), ("the images", data, folder_reads)]) as outs:
+        json_out = outs.add(json_path, "--json") if json_path else None
+        plot_out = outs.add(plot_path, "--plot") if plot_path else None
+        result = run_diagnose(model, data, preprocess=parse_preprocess(preprocess), limit=limit,
+                              batch_size=batch_size, bits=bits, input_shape=input_shape)
+        out = console()
+        for r in result.renderables(top):
+            out.print(r)
+        if json_out:
+            outs.write_bytes(json_out, (result.to_json() + "\n").encode())
+        if plot_out:
+            result.plot(outs.stage(plot_out), top=min(top, 8))
+    for p in outs.paths:
+        click.echo(f"wrote {p}", err=True)
 
 
 @main.command()
@@ -168,8 +296,7 @@ def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_pa
               show_default=True, help="Input and output type of the int8 model.")
 @click.option("--output-node", "outputs", multiple=True, metavar="NAME",
               help="Output node/tensor/layer to convert up to (repeatable), e.g. MobilenetV1/Logits/SpatialSqueeze.")
-@click.option("--input-shape", default=None, metavar="D,D,D,D",
-              help="Fix open input dimensions, in the source model's own layout (e.g. 1,3,48,320 for NCHW).")
+@input_shape_option
 @reports_errors
 def convert(model, output, data, recipe, weights, activations, preprocess, onnx_path, holdout, limit, io_dtype,
             outputs, input_shape) -> None:
@@ -180,16 +307,10 @@ def convert(model, output, data, recipe, weights, activations, preprocess, onnx_
     """
     from .convert import convert as run_convert
 
-    shape = None
-    if input_shape:
-        try:
-            shape = tuple(None if d.strip() in ("", "?", "None") else int(d) for d in input_shape.split(","))
-        except ValueError:
-            raise click.BadParameter(f"{input_shape!r}: expected comma-separated integers", param_hint="--input-shape")
     summary = run_convert(model, output, data, recipe=recipe, weights=weights.replace("-", "_"),
                           activations=activations, preprocess=parse_preprocess(preprocess), onnx_output=onnx_path,
                           holdout=holdout, limit=limit, io_dtype=io_dtype, outputs=list(outputs) or None,
-                          input_shape=shape)
+                          input_shape=input_shape)
     click.echo(str(summary))
 
 
@@ -206,28 +327,34 @@ def convert(model, output, data, recipe, weights, activations, preprocess, onnx_
               help="Subtracted from the arg-max (default: 1 for 1001-class outputs, else 0).")
 @click.option("--output-node", "outputs", multiple=True, metavar="NAME", help="Output node of a source model.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the scores as JSON.")
+@input_shape_option
 @reports_errors
-def eval_(model, data, preprocess, reference, limit, label_offset, outputs, json_path) -> None:
+def eval_(model, data, preprocess, reference, limit, label_offset, outputs, json_path, input_shape) -> None:
     """Score MODEL (a .tflite file or any source model) on a labelled image folder: top-1/top-5, and with
     --reference the SQNR and top-1 agreement."""
     import json
 
     from . import load
     from .evaluate import evaluate
-    from .io_utils import atomic_write_bytes
+    from .images import folder_reads
+    from .io_utils import OutputSet
 
     def source(m):
-        return m if m.lower().endswith(".tflite") else load(m, outputs=list(outputs) or None)
+        return m if m.lower().endswith(".tflite") else load(m, outputs=list(outputs) or None,
+                                                            input_shape=input_shape)
 
-    res = evaluate(source(model), data, reference=source(reference) if reference else None,
-                   preprocess=parse_preprocess(preprocess), limit=limit, label_offset=label_offset)
-    click.echo(f"{model}: {res}")
-    if json_path:
-        atomic_write_bytes(json_path, json.dumps(res.to_dict(), indent=2).encode())
+    with OutputSet([("the model", model), ("the reference model", reference),
+                    ("the images", data, folder_reads)]) as outs:
+        json_out = outs.add(json_path, "--json") if json_path else None
+        res = evaluate(source(model), data, reference=source(reference) if reference else None,
+                       preprocess=parse_preprocess(preprocess), limit=limit, label_offset=label_offset)
+        click.echo(f"{model}: {res}")
+        if json_out:
+            outs.write_bytes(json_out, json.dumps(res.to_dict(), indent=2).encode())
 
 
 @main.command()
-@click.option("--out-dir", default="qfrewrite-demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out-dir", default="qfrewrite-demo", show_default=True, type=click.Path(),
               help="Where the demo writes its models and report.")
 @click.option("--photo", default=None, type=click.Path(exists=True, dir_okay=False),
               help="The photo whose top-5 classes are shown (default: the bundled grace_hopper.jpg).")

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import EmitError
+from .native_log import quiet_native_stderr
 
 __all__ = ["TensorInfo", "OpInfo", "ModelInfo", "inspect_tflite", "assert_fully_integer", "float_ops",
            "interpreter", "tensors_for_node", "layer_agreement"]
@@ -99,7 +100,8 @@ def interpreter(model: Union[str, os.PathLike, bytes], num_threads: int = 1, del
             if not os.path.isfile(model):
                 raise EmitError(f"{model}: no such TFLite file")
             it = Interpreter(model_path=str(model), num_threads=num_threads, **kw)
-        it.allocate_tensors()
+        with quiet_native_stderr():  # LiteRT announces its XNNPACK delegate on the first allocation
+            it.allocate_tensors()
     except EmitError:
         raise
     except Exception as exc:  # LiteRT raises ValueError/RuntimeError with long messages
