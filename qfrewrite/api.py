@@ -41,9 +41,10 @@ class Result:
         """
         from .emit.tflite import emit_tflite
 
-        with self._output(path, "the TFLite model") as write:
+        with self._output(path, "the TFLite model") as tmp:
             flatbuffer = emit_tflite(self.graph, None, quantized=quantized, io_dtype=io_dtype)
-            write(flatbuffer)
+            if tmp is not None:
+                tmp.write_bytes(flatbuffer)
         return flatbuffer
 
     def to_onnx(self, path: Optional[Union[str, os.PathLike]] = None, quantized: Optional[bool] = None):
@@ -53,25 +54,19 @@ class Result:
         """
         from .emit.onnx_emitter import emit_onnx
 
-        with self._output(path, "the ONNX model") as write:
+        with self._output(path, "the ONNX model") as tmp:
             model = emit_onnx(self.graph, None, quantized=quantized)
-            write(model.SerializeToString())
+            if tmp is not None:
+                tmp.write_bytes(model.SerializeToString())
         return model
 
-    @contextlib.contextmanager
     def _output(self, path, what: str):
-        """Yield ``write(bytes)`` for ``path`` (a no-op without one), checked against the source model first."""
-        if path is None:
-            yield lambda data: None
-            return
-        from .io_utils import OutputSet
+        """:func:`~qfrewrite.io_utils.one_output` for ``path`` against the source model (a no-op without a path)."""
+        from .io_utils import one_output
 
-        source = self.graph.meta.get("source")
-        with OutputSet([("the source model", source if isinstance(source, str) and os.path.exists(source)
-                         else None)]) as outs:
-            target = outs.add(path, what)
-            yield lambda data: outs.write_bytes(target, data)
-        log.info("wrote %s", path)
+        if path is None:
+            return contextlib.nullcontext()
+        return one_output(path, what, [("the source model", self.graph.meta.get("source"))])
 
     def to_keras(self):
         """A float Keras model of the graph (for fine-tuning in TensorFlow before quantizing)."""

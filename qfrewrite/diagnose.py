@@ -31,13 +31,14 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from .analysis.channel_math import MIN_OUTLIER_RATIO
 from .analysis.channel_stats import ChannelStats, GraphChannelStats, LayerStats
 from .calibration import as_calibration_set
 from .importers import load
-from .io_utils import atomic_write_bytes
+from .io_utils import one_output
 from .ir import Op
 from .pass_infra import Context, ordered
 from .passes import CorrectBias, CrossLayerEqualization, FoldBatchNorm, FoldDeadChannels
@@ -157,7 +158,8 @@ class Diagnosis:
         """The JSON text; written atomically to ``path`` when given."""
         text = json.dumps(self.to_dict(), indent=indent)
         if path is not None:
-            atomic_write_bytes(path, (text + "\n").encode())
+            with one_output(path, "the diagnosis", [("the model", self.source)]) as tmp:
+                tmp.write_bytes((text + "\n").encode())
         return text
 
     # -- figure ------------------------------------------------------------------------------------------------------
@@ -166,8 +168,10 @@ class Diagnosis:
         from .analysis.plot import plot_channel_ranges
 
         panels = [(ls, None) for ls in self.ranked()[:top]]
-        return plot_channel_ranges(path, panels, title=f"per-channel weight ranges (BatchNorm folded): "
-                                                       f"{os.path.basename(str(self.source))}")
+        with one_output(path, "the plot", [("the model", self.source)]) as tmp:
+            plot_channel_ranges(tmp, panels, title=f"per-channel weight ranges (BatchNorm folded): "
+                                                   f"{os.path.basename(str(self.source))}")
+        return Path(path)
 
     # -- text --------------------------------------------------------------------------------------------------------
     def header(self) -> str:

@@ -10,6 +10,7 @@
   ``with`` block ends without error. On any failure, Ctrl-C included, the staged files are removed and every file
   that was there before is left as it was (a rename that fails half-way through the set is undone from hard-linked
   backups). Ctrl-C during the renames is held until they are done.
+* :func:`one_output`: the same for a single file (the API's ``to_tflite(path)``, ``to_json(path)``).
 * Files are given mode ``0o666 & ~umask``, as any file the user creates (``mkstemp`` alone gives 0600).
   :func:`file_mode` reads the umask.
 
@@ -30,7 +31,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Un
 
 from .errors import OutputError
 
-__all__ = ["atomic_write_bytes", "atomic_path", "file_mode", "OutputSet"]
+__all__ = ["atomic_write_bytes", "atomic_path", "file_mode", "OutputSet", "one_output"]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,14 @@ def _interrupts_held():
             raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def one_output(path: PathLike, what: str, inputs: Iterable[Tuple] = ()) -> Iterator[Path]:
+    """One output, planned as in an :class:`OutputSet` with ``inputs`` before the block runs; yields the temporary
+    file to write, renamed onto ``path`` when the block ends without error."""
+    with OutputSet(inputs) as outs:
+        yield outs.stage(outs.add(path, what))
+
+
 class OutputSet:
     """The outputs of one job, written all or nothing (see the module docstring).
 
@@ -167,12 +176,12 @@ class OutputSet:
 
     # -- planning ------------------------------------------------------------------------------------------------
     def add_input(self, path, what: str, reads: Optional[Callable[[Path], bool]] = None) -> None:
-        """Declare a file or folder the job reads (``path`` may be ``None`` or a model object: ignored).
+        """Declare a file or folder the job reads (``None``, a model object or a path that does not exist: ignored).
 
         No output may replace it; in a folder, no output may be a file the job reads: ``reads(relative_path)``
         decides (default: every file in it, as for a SavedModel).
         """
-        if isinstance(path, (str, os.PathLike)):
+        if isinstance(path, (str, os.PathLike)) and os.path.lexists(path):  # what does not exist cannot be lost
             entry = (what, Path(path), _real(path), reads)
             self._inputs.append(entry)
             for out in self._outputs.values():

@@ -57,6 +57,8 @@ def _import(source, inputs, outputs, input_shape) -> Graph:
     path = Path(source)
     if not path.exists():
         raise ModelLoadError(f"{path}: no such file or folder")
+    if not path.is_dir() and not path.is_file():  # a pipe or a device would be read for ever
+        raise ModelLoadError(f"{path}: not a regular file or folder; supported: {SUPPORTED_SOURCES}")
     suffix = path.suffix.lower()
     if path.is_dir():
         if (path / "saved_model.pb").exists() or (path / "saved_model.pbtxt").exists():

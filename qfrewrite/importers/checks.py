@@ -8,6 +8,8 @@
   zero variance is legal (the folding maths handles ``v + eps == 0``);
 * **one image input**: the passes, calibration and emitters take one input tensor; a model with several (or none)
   is refused at load with the list of its inputs (:func:`check_single_input`);
+* **shapes**: a layer whose static output shape has an empty or negative dimension (a 3x3 VALID convolution of a
+  1x1 input) is refused naming it, before TensorFlow meets it (:func:`check_shapes`);
 * **memory**: the working set of one image (:func:`qfrewrite.resources.activation_bytes`) must fit in the machine's
   memory; an absurd input shape is refused with the estimate (:func:`check_memory`).
 
@@ -24,7 +26,7 @@ from ..ir import Graph, Op
 from ..resources import activation_bytes, require_memory
 
 __all__ = ["check_imported", "check_finite_weights", "check_batchnorm_statistics", "check_single_input",
-           "check_memory"]
+           "check_shapes", "check_memory"]
 
 #: BatchNorm inputs after x: gamma, beta, moving mean, moving variance
 _BN_VARIANCE = 4
@@ -42,6 +44,7 @@ def _channels(idx: np.ndarray, limit: int = 8) -> str:
 def check_imported(graph: Graph, source=None) -> None:
     """All the checks of the module docstring, in order."""
     check_single_input(graph, source)
+    check_shapes(graph, source)
     check_finite_weights(graph, source)
     check_batchnorm_statistics(graph, source)
     check_memory(graph, source)
@@ -92,6 +95,17 @@ def check_single_input(graph: Graph, source=None) -> None:
     raise ModelLoadError(f"{_where(source)}the model has {len(graph.inputs)} inputs ({names}, shapes in NHWC); "
                          f"qfrewrite supports models with one image input (inputs= can start the graph at one "
                          f"tensor computed from them)")
+
+
+def check_shapes(graph: Graph, source=None) -> None:
+    """Raise :class:`ModelLoadError` at the first layer whose output has a dimension below 1."""
+    for node in graph.topological_order():
+        shape = tuple(node.output.shape)
+        if any(d is not None and d < 1 for d in shape[1:]):
+            seen = ", ".join(str(tuple(v.shape)) for v in node.inputs if not v.is_const)
+            raise ModelLoadError(f"{_where(source)}layer {node.source_name!r} ({node.op.value}) would give an output "
+                                 f"of shape {shape} from input {seen} (NHWC): the input is too small for it; give a "
+                                 f"larger input shape")
 
 
 def check_memory(graph: Graph, source=None) -> None:

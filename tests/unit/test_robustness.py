@@ -433,13 +433,19 @@ def test_outputs_follow_the_umask(tmp_path, umask, mode):
     assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"set.bin": mode, "single.bin": mode}
 
 
-def test_result_never_writes_over_its_source_model(job):
+def test_the_api_never_writes_over_its_source_model(job):
+    from qfrewrite.diagnose import diagnose
+
     res = qfrewrite.rewrite(job / "model.onnx", passes=[FoldBatchNorm()], stats=False)
+    diag = diagnose(job / "model.onnx")
     before = _tree(job)
     with pytest.raises(OutputError, match="is the source model"):
         res.to_onnx(job / "model.onnx")
     with pytest.raises(OutputError, match="is the source model"):
         res.to_tflite(job / "images" / ".." / "model.onnx")
+    for write in (diag.to_json, diag.plot):
+        with pytest.raises(OutputError, match="is the model"):
+            write(job / "model.onnx")
     assert _tree(job) == before
 
 
@@ -602,6 +608,41 @@ def test_negative_batchnorm_variance_is_refused_at_load_naming_the_layer(tmp_pat
         model, layer = _negative_variance_graphdef(tmp_path, fused=source == "graphdef")
     with pytest.raises(ModelLoadError, match=rf"BatchNorm statistics .*{layer}.*\(variance -\S+ in channel \d\)"):
         qfrewrite.load(model)
+
+
+def test_negative_batchnorm_epsilon_is_refused(tmp_path):
+    import onnx
+
+    ins = [numpy_helper.from_array(np.full(3, v, np.float32), n) for n, v in (("g", 1), ("b", 0), ("m", 0), ("v", 1))]
+    graph = helper.make_graph([helper.make_node("BatchNormalization", ["x", "g", "b", "m", "v"], ["y"], epsilon=-1.0,
+                                                name="bn_eps")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], ins)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    with pytest.raises(ModelLoadError, match=r"bn_eps \(epsilon -1\)"):
+        qfrewrite.load(tmp_path / "m.onnx")
+
+
+def test_a_layer_larger_than_its_input_is_refused_at_load(tmp_path):
+    path = _onnx_classifier(tmp_path / "open.onnx", open_hw=True)
+    assert qfrewrite.load(path, input_shape=(1, 3, 2, 2)).inputs[0].shape == (None, 2, 2, 3)   # SAME pads: fine
+    import onnx
+
+    m = onnx.load(str(path))
+    del m.graph.node[0].attribute[:]                       # the stem conv becomes 3x3 VALID, stride 1
+    onnx.save(m, str(path))
+    with pytest.raises(ModelLoadError, match=r"layer 'conv1' \(Conv2D\) would give an output of shape "
+                                             r"\(None, 0, 0, 4\) from input \(None, 2, 2, 3\)"):
+        qfrewrite.load(path, input_shape=(1, 3, 2, 2))
+
+
+def test_pipes_and_devices_are_not_read_as_models(tmp_path):
+    os.mkfifo(tmp_path / "model.onnx")
+    for path in [tmp_path / "model.onnx"] + [d for d in ["/dev/zero"] if os.path.exists(d)]:
+        with pytest.raises(ModelLoadError, match="not a regular file or folder"):
+            qfrewrite.load(path)
 
 
 def test_non_finite_batchnorm_statistics_name_the_layer(tmp_path):
