@@ -72,16 +72,22 @@ def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int = 1, offset: in
     return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=1)))
 
 
-def labels_misfit(labels: np.ndarray, width: int, offset: int = 0) -> Optional[str]:
-    """Why ``labels`` cannot be scored against ``width`` outputs with ``offset`` subtracted, or ``None`` when they fit.
+def labels_misfit(labels: np.ndarray, out_shape, offset: int = 0) -> Optional[str]:
+    """Why ``labels`` cannot be scored against outputs of shape ``out_shape`` per image (``offset`` subtracted from
+    the class position), or ``None`` when they fit.
 
-    Class ``k`` is output ``k + offset``; a label outside ``0 .. width - offset - 1`` names no output (a 2-class model
-    given ImageNet labels), and every such image would count as a miss.
+    The output must be one score per class (one axis longer than 1), and class ``k`` is output ``k + offset``: a label
+    outside ``0 .. width - offset - 1`` names no output (a 2-class model given ImageNet labels), and every such image
+    would count as a miss.
     """
     labels = np.asarray(labels)
+    shape = tuple(int(d) for d in np.atleast_1d(out_shape))
     if labels.size == 0:
         return None
-    lo, hi, classes = int(labels.min()), int(labels.max()), int(width) - int(offset)
+    if sum(d > 1 for d in shape) > 1:
+        return f"the labels do not fit the model: it gives outputs of shape {shape} per image, not one score per class"
+    width = int(np.prod(shape))
+    lo, hi, classes = int(labels.min()), int(labels.max()), width - int(offset)
     if lo >= 0 and hi < classes:
         return None
     shift = f" ({classes} classes after the label offset {offset})" if offset else ""
@@ -221,7 +227,7 @@ def evaluate(model, images, labels=None, reference=None, preprocess=None, limit:
     offset = label_offset if label_offset is not None else (1 if width == 1001 else 0)
     res = EvalResult(images=len(x), label_offset=int(offset))
     if labels is not None:
-        res.labels_note = labels_misfit(labels, width, offset)
+        res.labels_note = labels_misfit(labels, scores.shape[1:], offset)
         if res.labels_note:
             log.info("no accuracy: %s", res.labels_note)
         else:

@@ -89,7 +89,8 @@ def resolve_preprocess(preprocess=None, graph=None) -> Preprocess:
         preprocess = graph.meta.get("preprocess")
     if preprocess is None:
         where = f" for model {graph.meta.get('source', graph.name)!r}" if graph is not None else ""
-        raise DataError(f"image data needs a preprocessing choice{where}: pass preprocess= one of {_presets_text()}")
+        raise DataError(f"image data needs a preprocessing choice{where}: pass preprocess= (--preprocess) one of "
+                        f"{_presets_text()}")
     if isinstance(preprocess, Preprocess):
         return preprocess
     if isinstance(preprocess, str):

@@ -2,7 +2,7 @@
 :func:`check_imported`:
 
 * **finite weights**: a constant holding NaN or Inf cannot be quantized (:func:`check_finite_weights`);
-* **BatchNorm statistics**: inference BatchNorm computes ``(x - m) / sqrt(v + eps)``; a negative variance (or a
+* **BatchNorm statistics**: one value per channel in each parameter; inference BatchNorm computes ``(x - m) / sqrt(v + eps)``; a negative variance (or a
   negative or non-finite epsilon) is not a statistic any training produced, and makes the source compute NaN where
   ``v + eps < 0``. Such a model is refused naming the layer and channels (:func:`check_batchnorm_statistics`); a
   zero variance is legal (the folding maths handles ``v + eps == 0``);
@@ -29,6 +29,7 @@ __all__ = ["check_imported", "check_finite_weights", "check_batchnorm_statistics
            "check_shapes", "check_memory"]
 
 #: BatchNorm inputs after x: gamma, beta, moving mean, moving variance
+_BN_PARAMS = ("gamma", "beta", "moving mean", "moving variance")
 _BN_VARIANCE = 4
 
 
@@ -65,9 +66,15 @@ def check_finite_weights(graph: Graph, source=None) -> None:
 
 
 def check_batchnorm_statistics(graph: Graph, source=None) -> None:
-    """Raise :class:`ModelLoadError` for a BatchNorm with a negative variance or a negative/non-finite epsilon."""
+    """Raise :class:`ModelLoadError` for a BatchNorm whose parameters do not have one value per channel, or with a
+    negative variance or a negative/non-finite epsilon."""
     bad = []
     for node in graph.find(Op.BATCH_NORM):
+        channels = node.inputs[0].shape[-1] if node.inputs[0].shape else None
+        for what, v in zip(_BN_PARAMS, node.inputs[1:]):
+            if channels is not None and v.is_const and v.const.size != channels:
+                raise ModelLoadError(f"{_where(source)}BatchNorm {node.source_name!r}: its {what} has "
+                                     f"{v.const.size} values for {channels} channels")
         eps = float(node.attrs.epsilon)
         if not np.isfinite(eps) or eps < 0:
             bad.append(f"{node.source_name} (epsilon {eps:g})")

@@ -545,6 +545,16 @@ def test_labels_that_do_not_fit_the_model_give_no_accuracy(job):
     assert r.exit_code == 0 and "no accuracy: the labels do not fit the model" in r.output and "top-1" not in r.output
 
 
+def test_labels_need_one_score_per_class():
+    from qfrewrite.evaluate import labels_misfit
+
+    assert labels_misfit(np.array([0, 1]), (2,)) is None and labels_misfit(np.array([0, 999]), (1001,), 1) is None
+    assert "class indices 0..1000, the model gives 1001 scores per image (1000 classes after the label offset 1)" \
+        in labels_misfit(np.array([0, 1000]), (1001,), 1)
+    assert "outputs of shape (7, 7, 16) per image, not one score per class" in labels_misfit(np.array([1]), (7, 7, 16))
+    assert labels_misfit(np.array([3]), (1, 1, 5)) is None
+
+
 def test_decoding_more_than_the_memory_is_refused(tmp_path, monkeypatch):
     import qfrewrite.resources
 
@@ -655,6 +665,27 @@ def test_malformed_onnx_initializers_name_the_node(tmp_path):
         qfrewrite.load(_onnx_classifier(tmp_path / "a.onnx", conv_bias=12))
     with pytest.raises(ModelLoadError, match=r"node 'bn1' \(BatchNormalization\) is malformed: its variance has 5"):
         qfrewrite.load(_onnx_classifier(tmp_path / "b.onnx", bn_var=np.ones(5)))
+
+
+def test_keras_weights_that_do_not_fit_their_layer_name_it(tmp_path):
+    import h5py
+
+    path = tmp_path / "m.h5"
+    _keras_classifier().save(path)
+    with h5py.File(path, "r+") as f:
+        name = next(n for n in _h5_datasets(f) if n.endswith("moving_variance"))
+        del f[name]
+        f.create_dataset(name, data=np.ones(3, np.float32))
+    with pytest.raises(ModelLoadError, match=r"m\.h5: BatchNorm 'bn1': its moving variance has 3 values for 4 channels"):
+        qfrewrite.load(path)
+
+
+def _h5_datasets(f):
+    import h5py
+
+    names = []
+    f.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+    return names
 
 
 def test_several_inputs_are_refused_at_load_listing_them(tmp_path):
