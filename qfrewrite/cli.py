@@ -127,8 +127,9 @@ class _Group(click.Group):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        with _sigterm_exits():
+            with _logging_kept():
+                return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        with _sigterm_exits(), _logging_kept():
             try:
                 rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             except click.UsageError as exc:
@@ -142,6 +143,21 @@ class _Group(click.Group):
                 click.echo("Interrupted.", err=True)  # click has ended the ^C line
                 sys.exit(EXIT_INTERRUPTED)
             sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@contextlib.contextmanager
+def _logging_kept():
+    """Put the logging set-up of one invocation (:func:`_setup_logging`) back as it was afterwards, for callers that
+    run the command line in their own process (tests, notebooks)."""
+    logger, root = logging.getLogger("qfrewrite"), logging.getLogger()
+    saved = logger.level, logger.propagate, list(logger.handlers), list(root.handlers)
+    try:
+        yield
+    finally:
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+        logger.handlers[:] = saved[2]
+        root.handlers[:] = saved[3]
 
 
 @contextlib.contextmanager

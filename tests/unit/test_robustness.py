@@ -798,3 +798,29 @@ def test_convert_in_a_real_process_keeps_the_terminal_clean(job):
     assert len(warnings_seen) == len(set(warnings_seen)) >= 1, p.stderr
     assert "images/labels.tsv has no label for 1 images (e.g. unlabelled.png)" in p.stderr
     assert {(job / f).stat().st_mode & 0o777 for f in ("k.tflite", "k.json")} == {0o640}
+
+
+def test_the_cli_leaves_the_logging_of_its_host_process_as_it_was(job, caplog):
+    import logging
+
+    before = logging.getLogger("qfrewrite").propagate, list(logging.getLogger().handlers)
+    _cli(job, "diagnose", "missing.h5")
+    assert (logging.getLogger("qfrewrite").propagate, list(logging.getLogger().handlers)) == before
+    with caplog.at_level(logging.WARNING, logger="qfrewrite"):
+        logging.getLogger("qfrewrite.probe").warning("seen by the host")
+    assert "seen by the host" in caplog.text
+
+
+def test_a_full_disk_while_staging_is_an_output_error_and_leaves_nothing(tmp_path, monkeypatch):
+    (tmp_path / "a.json").write_bytes(b"old")
+
+    def full(self, data):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OutputError, match=r"cannot write the report .*a\.json: No space left on device"):
+        with OutputSet() as outs:
+            target = outs.add(tmp_path / "a.json", "the report")
+            monkeypatch.setattr(Path, "write_bytes", full)
+            outs.write_bytes(target, b"new")
+    monkeypatch.undo()
+    assert _tree(tmp_path) == {"a.json": hashlib.sha256(b"old").hexdigest()}
