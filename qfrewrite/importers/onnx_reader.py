@@ -199,7 +199,8 @@ def _fix_input_shapes(model, path: Path, input_shape) -> Dict[str, List[Union[in
         open_dims = [i for i in range(1, len(dims)) if not isinstance(dims[i], int) or dims[i] <= 0]
         if open_dims:
             raise ModelLoadError(f"{path}: input {vi.name!r} has open dimensions {open_dims} in shape {dims}; "
-                                 "give input_shape= in the model's own layout (e.g. (1, 3, 224, 224) for NCHW)")
+                                 "give input_shape= (--input-shape) in the model's own layout (e.g. (1, 3, 224, 224) "
+                                 "for NCHW)")
         if not dims:
             raise ModelLoadError(f"{path}: input {vi.name!r} is a scalar; image models take a batch of tensors")
         source[vi.name] = list(dims)
