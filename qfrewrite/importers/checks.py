@@ -2,10 +2,11 @@
 :func:`check_imported`:
 
 * **finite weights**: a constant holding NaN or Inf cannot be quantized (:func:`check_finite_weights`);
-* **BatchNorm statistics**: one value per channel in each parameter; inference BatchNorm computes ``(x - m) / sqrt(v + eps)``; a negative variance (or a
-  negative or non-finite epsilon) is not a statistic any training produced, and makes the source compute NaN where
-  ``v + eps < 0``. Such a model is refused naming the layer and channels (:func:`check_batchnorm_statistics`); a
-  zero variance is legal (the folding maths handles ``v + eps == 0``);
+* **BatchNorm statistics**: one value per channel in each parameter. Inference BatchNorm computes
+  ``(x - m) / sqrt(v + eps)``; a negative variance (or a negative or non-finite epsilon) is not a statistic any
+  training produced, and makes the source compute NaN where ``v + eps < 0``. Such a model is refused naming the layer
+  and channels (:func:`check_batchnorm_statistics`); a zero variance is legal (the folding maths handles
+  ``v + eps == 0``);
 * **one image input**: the passes, calibration and emitters take one input tensor; a model with several (or none)
   is refused at load with the list of its inputs (:func:`check_single_input`);
 * **shapes**: a layer whose static output shape has an empty or negative dimension (a 3x3 VALID convolution of a
@@ -43,7 +44,7 @@ def _channels(idx: np.ndarray, limit: int = 8) -> str:
 
 
 def check_imported(graph: Graph, source=None) -> None:
-    """All the checks of the module docstring, in order."""
+    """The checks of the module docstring: one input, shapes, finite weights, BatchNorm statistics, memory."""
     check_single_input(graph, source)
     check_shapes(graph, source)
     check_finite_weights(graph, source)

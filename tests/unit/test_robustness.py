@@ -676,7 +676,8 @@ def test_keras_weights_that_do_not_fit_their_layer_name_it(tmp_path):
         name = next(n for n in _h5_datasets(f) if n.endswith("moving_variance"))
         del f[name]
         f.create_dataset(name, data=np.ones(3, np.float32))
-    with pytest.raises(ModelLoadError, match=r"m\.h5: BatchNorm 'bn1': its moving variance has 3 values for 4 channels"):
+    with pytest.raises(ModelLoadError, match=r"m\.h5: BatchNorm 'bn1': its moving variance has 3 values for 4 "
+                                             r"channels"):
         qfrewrite.load(path)
 
 
