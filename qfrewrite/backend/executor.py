@@ -1,8 +1,15 @@
-"""The reference executor: run an IR graph on numpy batches through its TensorFlow lowering."""
+"""The reference executor: run an IR graph on numpy batches through its TensorFlow lowering.
+
+:class:`Executor` returns the outputs (and, with ``taps``, named intermediate values as arrays).
+:class:`ReducingExecutor` returns, for each named value, statistics computed inside the traced function
+(:class:`Reduction`: per-channel min/max/sum/sum of squares, the per-position sum over the batch, a strided sample of
+positions), so that calibration never copies whole activations out of TensorFlow.
+"""
 from __future__ import annotations
 
 import logging
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -10,7 +17,7 @@ from ..errors import DataError
 from ..ir import Graph
 from .tf_lowering import lower
 
-__all__ = ["Executor", "run_graph"]
+__all__ = ["Executor", "ReducingExecutor", "Reduction", "run_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +46,108 @@ class Executor:
 
         self._fn = tf.function(fn, input_signature=sig, jit_compile=False, autograph=False)
 
-    def _check(self, xs: Sequence[np.ndarray]) -> List[np.ndarray]:
-        if len(xs) != len(self.graph.inputs):
-            raise DataError(f"the graph has {len(self.graph.inputs)} inputs, got {len(xs)} arrays")
-        out = []
-        for x, v in zip(xs, self.graph.inputs):
-            x = np.asarray(x, dtype=np.float32)
-            if x.ndim != len(v.shape) or any(d is not None and d != s for d, s in zip(v.shape[1:], x.shape[1:])):
-                raise DataError(f"input {v.name} expects shape {tuple(v.shape)} (NHWC), got {x.shape}")
-            out.append(x)
-        return out
-
     def __call__(self, *xs: np.ndarray):
         """Outputs for one batch, and the tapped values when taps were asked (as ``(outputs, taps_dict)``)."""
-        outs, tapped = self._fn(*self._check(xs))
+        outs, tapped = self._fn(*_checked_inputs(self.graph, xs))
         outs = [o.numpy() for o in outs]
         if self.taps:
             return outs, {name: t.numpy() for name, t in zip(self.taps, tapped)}
         return outs
+
+
+def _checked_inputs(graph: Graph, xs: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """``xs`` as float32 arrays, one per graph input, each of the input's shape (batch open); DataError otherwise."""
+    if len(xs) != len(graph.inputs):
+        raise DataError(f"the graph has {len(graph.inputs)} inputs, got {len(xs)} arrays")
+    out = []
+    for x, v in zip(xs, graph.inputs):
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != len(v.shape) or any(d is not None and d != s for d, s in zip(v.shape[1:], x.shape[1:])):
+            raise DataError(f"input {v.name} expects shape {tuple(v.shape)} (NHWC), got {x.shape}")
+        out.append(x)
+    return out
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """What :class:`ReducingExecutor` computes from one value per call (channels on the last axis); each is one pass
+    over the value, so ask only for what is used:
+
+    * ``min``, ``max``, ``sum``, ``sumsq``: per channel over every other axis (with ``count``, the positions per
+      channel);
+    * ``batch_sum``: the sum over the batch axis (``(H, W, C)`` for NHWC), for mean maps;
+    * ``sample_rows``: at most this many positions of each item, evenly strided, as ``sample`` ``(N, rows, C)``
+      (``0``: none; ``-1``: every position).
+    """
+
+    min: bool = False
+    max: bool = False
+    sum: bool = False
+    sumsq: bool = False
+    batch_sum: bool = False
+    sample_rows: int = 0
+
+
+class ReducingExecutor:
+    """A traced function of one graph state returning, per value named in ``reductions``, the statistics its
+    :class:`Reduction` asks for, as numpy arrays: ``{name: {"min", "max", "sum", "count", "sumsq", "batch_sum",
+    "sample"}}`` (only the asked ones). Graph inputs may be named too."""
+
+    def __init__(self, graph: Graph, reductions: Mapping[str, Reduction], quantize: bool = False):
+        import tensorflow as tf
+
+        self.graph = graph
+        self.reductions = dict(reductions)
+        names = list(self.reductions)
+        inputs = {v.name: i for i, v in enumerate(graph.inputs)}
+        taps = [n for n in names if n not in inputs]
+        sig = [tf.TensorSpec([None, *v.shape[1:]], tf.float32, name=f"in{i}") for i, v in enumerate(graph.inputs)]
+        specs = self.reductions
+
+        def reduce(t, r: Reduction):
+            # static shapes (all but the batch) keep the traced graph small: tracing costs more than it runs
+            dims = list(t.shape[1:])
+            if any(d is None for d in dims):
+                raise DataError(f"values of open shape {t.shape} cannot be calibrated: fix the input shape")
+            c = int(dims[-1])
+            positions = int(np.prod(dims[:-1])) if len(dims) > 1 else 1
+            rows = tf.reshape(t, [-1, positions, c])
+            out = {}
+            if r.min:
+                out["min"] = tf.reduce_min(rows, axis=[0, 1])
+            if r.max:
+                out["max"] = tf.reduce_max(rows, axis=[0, 1])
+            if r.sum:
+                out["sum"] = tf.reduce_sum(rows, axis=[0, 1])
+            if r.sumsq:
+                out["sumsq"] = tf.reduce_sum(tf.square(rows), axis=[0, 1])
+            if r.batch_sum:
+                out["batch_sum"] = tf.reduce_sum(t, axis=0)
+            if r.sample_rows:
+                step = 1 if r.sample_rows < 0 else max(1, -(-positions // r.sample_rows))
+                out["sample"] = rows[:, ::step, :] if step > 1 else rows
+            return out
+
+        def fn(*xs):
+            if taps:
+                _, tapped = lower(graph, xs, quantize=quantize, taps=taps)
+            else:
+                tapped = {}
+            values = {n: (xs[inputs[n]] if n in inputs else tapped[n]) for n in names}
+            return {n: reduce(values[n], specs[n]) for n in names}
+
+        self._fn = tf.function(fn, input_signature=sig, jit_compile=False, autograph=False)
+
+    def __call__(self, *xs: np.ndarray) -> Dict[str, Dict[str, np.ndarray]]:
+        xs = _checked_inputs(self.graph, xs)
+        out = self._fn(*xs)
+        res = {}
+        for name, d in out.items():
+            r = {k: v.numpy() for k, v in d.items()}
+            shape = self.graph.value(name).shape
+            r["count"] = len(xs[0]) * (int(np.prod(shape[1:-1])) if len(shape) > 2 else 1)
+            res[name] = r
+        return res
 
 
 def run_graph(graph: Graph, *xs: np.ndarray, quantize: bool = False, batch_size: int = 32) -> List[np.ndarray]:
