@@ -1,11 +1,13 @@
 """Empirical bias correction for weight quantization (Nagel et al., arXiv 1906.04721, section 4.3; maths in
 :mod:`qfrewrite.numerics.bias`).
 
-Quantizing a layer's kernel ``W -> W_q`` shifts the expectation of each output channel by ``E[conv(x, W_q - W)]``.
-For every Conv2D, DepthwiseConv2D and Dense layer the pass runs the float graph on the calibration data, feeds each
-layer's float input ``x`` through the same layer with kernel ``W_q - W`` and no bias, averages per output channel,
-and subtracts that mean from the bias. Running the real layer includes the zero-padded borders exactly (the
-closed form ``(W_q - W) E[x]`` misses them).
+Quantizing a layer's kernel ``W -> W_q`` shifts the expectation of each output channel by ``E[conv(x, W_q - W)]``
+(the mean over images and output positions). For every Conv2D, DepthwiseConv2D and Dense layer the pass runs the
+float graph once over the calibration data, keeping each layer input's mean map ``E[x]`` (per position, over the
+images), and subtracts ``mean(conv(E[x], W_q - W))`` from the bias: equal to the mean error because convolution,
+zero padding included, is linear (:func:`qfrewrite.numerics.bias.mean_output_shift`). The zero-padded borders are
+therefore exact (the closed form ``(W_q - W) E[x]`` with a per-channel mean misses them) and the cost after the one
+pass does not grow with the number of images.
 
 ``W_q`` is exactly the weight quantization :class:`InsertFakeQuant` will apply: a kernel that already carries
 ``node.weight_quant`` uses it; otherwise the pass builds it with the same function InsertFakeQuant uses
@@ -31,11 +33,12 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from qfrewrite.analysis.moments import channel_moments, iterate_taps
+from qfrewrite.analysis.moments import channel_moments
 from qfrewrite.backend.executor import Executor
 from qfrewrite.contracts import Property
 from qfrewrite.errors import QfrewriteError
-from qfrewrite.ir import WEIGHTED_OPS, Graph, GlobalMeanAttrs, Node, Op, set_bias
+from qfrewrite.ir import WEIGHTED_OPS, Graph, Node, layer_kind, resolve_pads, set_bias
+from qfrewrite.numerics.bias import mean_output_shift
 from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
 from qfrewrite.quant.weights import GRANULARITIES, WEIGHT_METHODS, planned_weight_quant, quantized_kernel
 
@@ -44,17 +47,6 @@ __all__ = ["CorrectBias"]
 log = logging.getLogger(__name__)
 
 _MODES = ("layer", "sequential")
-
-
-def _delta_graph(node: Node, delta: np.ndarray) -> Graph:
-    """A one-layer graph: ``node`` with kernel ``delta``, no bias, followed by a spatial mean."""
-    g = Graph(f"{node.name}/delta")
-    x = g.add_input("x", node.inputs[0].shape)
-    y = g.add_node(node.op, [x, g.const(delta)], node.attrs).output
-    if len(y.shape) == 4:
-        y = g.add_node(Op.GLOBAL_MEAN, [y], GlobalMeanAttrs(keepdims=False)).output
-    g.outputs = [y]
-    return g
 
 
 class CorrectBias(Pass):
@@ -92,35 +84,37 @@ class CorrectBias(Pass):
         ctx.require_data(self.name)
         if self.mode == "sequential":
             return self._run_sequential(graph, ctx)
-        jobs = {}
+        deltas = {}
         for node in graph.find(*WEIGHTED_OPS):
             fq = self._planned(node, ctx)
             delta = quantized_kernel(node, fq).astype(np.float64) - node.weight.const.astype(np.float64)
-            if not np.any(delta):
-                continue
-            jobs[node.name] = (node, Executor(_delta_graph(node, delta.astype(np.float32))))
-        if not jobs:
+            if np.any(delta):
+                deltas[node.name] = (node, delta)
+        if not deltas:
             return PassResult(graph, False, {"corrected": 0}, [Skip(None, "no kernel changes under quantization")])
-        inputs = sorted({node.inputs[0].name for node, _ in jobs.values()})
-        sums: Dict[str, np.ndarray] = {}
-        count = 0
-        for taps in iterate_taps(graph, ctx, inputs, self.name, self.chunk):
-            count += len(next(iter(taps.values())))
-            for name, (node, ex) in jobs.items():
-                y = np.asarray(ex(taps[node.inputs[0].name])[0], np.float64)
-                s = y.reshape(len(y), -1).sum(0)
-                sums[name] = s if name not in sums else sums[name] + s
+        inputs = sorted({node.inputs[0].name for node, _ in deltas.values()})
+        moments = channel_moments(graph, ctx, inputs, maps=inputs, stats=())
         shifts = {}
-        for name, (node, _) in jobs.items():
-            shift = sums[name] / count
+        for name, (node, delta) in deltas.items():
+            shift = self._mean_error(node, delta, moments[node.inputs[0].name].map_mean)
             base = node.bias.const.astype(np.float64) if node.bias is not None else 0.0
             set_bias(graph, node, base - shift, "corrected")
             shifts[name] = float(np.max(np.abs(shift)))
         graph.remove_unused()
         worst = max(shifts, key=shifts.get)
         stats = {"corrected": len(shifts), "weights": self.option(ctx, "weights"), "bits": self.option(ctx, "bits"),
-                 "images": count, "largest_shift": {worst: shifts[worst]}, "max_abs_shift": shifts}
+                 "images": len(ctx.data), "largest_shift": {worst: shifts[worst]}, "max_abs_shift": shifts}
         return PassResult(graph, True, stats)
+
+    @staticmethod
+    def _mean_error(node: Node, delta: np.ndarray, mean_map: np.ndarray) -> np.ndarray:
+        """``E[conv(x, delta)]`` per output channel from the mean input map (exact: convolution is linear)."""
+        kind = layer_kind(node)
+        if kind == "dense":
+            return mean_output_shift(delta, mean_map, kind)
+        a = node.attrs
+        pads = resolve_pads(a.padding, node.inputs[0].shape[1:3], delta.shape[:2], a.strides, a.dilations)
+        return mean_output_shift(delta, mean_map, kind, a.strides, a.dilations, pads)
 
     def _run_sequential(self, graph: Graph, ctx: Context) -> PassResult:
         layers = graph.find(*WEIGHTED_OPS)

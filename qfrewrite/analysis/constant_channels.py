@@ -29,8 +29,8 @@ from ..ir import (WEIGHTED_OPS, Graph, Node, Op, bn_affine, const_operand, keeps
                   padding_free, per_channel_constant)
 from ..numerics.kernels import n_out, out_channels_last
 
-__all__ = ["ConstChannels", "Bounds", "constant_channels", "reads_mask", "propagate", "propagate_bounds",
-           "constants_from_bounds", "merge", "dead_out_channels"]
+__all__ = ["ConstChannels", "Bounds", "constant_channels", "value_bounds", "reads_mask", "propagate",
+           "propagate_bounds", "constants_from_bounds", "merge", "dead_out_channels"]
 
 #: ``(mask, values)``: ``mask[c]`` is True where channel ``c`` is constant, with value ``values[c]``.
 ConstChannels = Tuple[np.ndarray, np.ndarray]
@@ -123,6 +123,17 @@ def propagate(node: Node, cin: Optional[ConstChannels], zero_tol: float = 0.0) -
     if keeps_channel_axis(node):
         return cin
     return None
+
+
+def value_bounds(graph: Graph) -> Dict[str, "Bounds"]:
+    """Per-channel interval bounds of every value that has some (see the module docstring), keyed by value name."""
+    bounds: Dict[str, Bounds] = {}
+    for node in graph.topological_order():
+        if node.inputs:
+            b = propagate_bounds(node, bounds.get(node.inputs[0].name))
+            if b is not None:
+                bounds[node.output.name] = b
+    return bounds
 
 
 def constant_channels(graph: Graph, zero_tol: float = 0.0) -> Dict[str, ConstChannels]:

@@ -1,74 +1,128 @@
 """Per-channel activation statistics over the calibration data, for the data-driven passes.
 
-Values are tapped with the reference :class:`~qfrewrite.backend.executor.Executor` (float, no fake quantization) in
-chunks of ``chunk`` images so that memory stays bounded, and reduced per channel (last axis) to min, max, mean and
-standard deviation, accumulated in float64. Results are cached in the :class:`~qfrewrite.pass_infra.Context` until a
-pass modifies the graph.
+Values are reduced per channel (last axis) to min, max, mean and standard deviation inside the traced float function
+(:class:`~qfrewrite.backend.executor.ReducingExecutor`), ``chunk`` images a call so that memory stays bounded, and
+accumulated in float64 across calls. For the values named in ``maps`` the per-position mean over the images
+is kept as well (``map_mean``, ``(H, W, C)``): what bias correction needs, since the mean of a convolution over the
+data is the convolution of that map. Results are cached in the :class:`~qfrewrite.pass_infra.Context` until a pass
+modifies the graph.
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Dict, Iterator, Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from ..backend.executor import Executor
+from ..backend.executor import ReducingExecutor, Reduction
 from ..ir import Graph
 from ..pass_infra import Analysis, Context
+from ..quant.observers import chunk_size
 
-__all__ = ["ChannelMoments", "Moments", "iterate_taps", "channel_moments"]
+__all__ = ["ChannelMoments", "Moments", "channel_moments"]
+
+
+_STATS = ("min", "max", "mean", "std")
 
 
 @dataclass
 class Moments:
-    min: np.ndarray
-    max: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
+    """Per-channel statistics of one value (those not asked for are ``None``); ``map_mean`` is the per-position mean
+    over the images (when asked)."""
+
+    min: Optional[np.ndarray]
+    max: Optional[np.ndarray]
+    mean: Optional[np.ndarray]
+    std: Optional[np.ndarray]
     count: int
+    map_mean: Optional[np.ndarray] = None
+
+    def rescaled(self, factor: np.ndarray) -> "Moments":
+        """The statistics of the value multiplied per channel by a positive ``factor``."""
+        f = np.asarray(factor, np.float64)
+        return Moments(*(None if a is None else a * f for a in (self.min, self.max, self.mean, self.std)),
+                       self.count, None if self.map_mean is None else self.map_mean * f)
 
 
-def iterate_taps(graph: Graph, ctx: Context, names: Sequence[str], who: str, chunk: int = 8) -> Iterator[Dict]:
-    """Yield ``{value name: array}`` for every chunk of the calibration data."""
-    data = ctx.require_data(who)
-    ex = Executor(graph, taps=list(names))
-    for batch in data.batches():
-        for s in range(0, len(batch), chunk):
-            _, taps = ex(batch[s:s + chunk])
-            yield taps
+class _Accumulator:
+    """Streaming per-channel min/max/sum/sum of squares (and the sum over images of each position)."""
+
+    def __init__(self):
+        self.acc: Dict[str, np.ndarray] = {}
+        self.n = self.images = 0
+
+    def update(self, r: Dict[str, np.ndarray], images: int) -> None:
+        for k, v in r.items():
+            if k == "count":
+                continue
+            v = np.asarray(v, np.float64)
+            have = self.acc.get(k)
+            if have is None:
+                self.acc[k] = v.copy()
+            elif k == "min":
+                np.minimum(have, v, out=have)
+            elif k == "max":
+                np.maximum(have, v, out=have)
+            else:
+                have += v
+        self.n += int(r.get("count", 0))
+        self.images += images
+
+    def result(self) -> Moments:
+        a = self.acc
+        mean = a["sum"] / self.n if "sum" in a else None
+        std = np.sqrt(np.maximum(a["sumsq"] / self.n - mean ** 2, 0.0)) if "sumsq" in a else None
+        maps = a["batch_sum"] / self.images if "batch_sum" in a else None
+        return Moments(a.get("min"), a.get("max"), mean, std, self.n, maps)
 
 
 class ChannelMoments(Analysis):
-    """Per-channel min/max/mean/std of the named values over the calibration data."""
+    """Per-channel statistics (``stats``: any of ``min``, ``max``, ``mean``, ``std``) of the named values over the
+    calibration data, and the mean map of those in ``maps``. The reductions run inside the traced function
+    (:class:`ReducingExecutor`), each only where asked."""
 
-    def __init__(self, names: Sequence[str], chunk: int = 8):
-        self.names = tuple(sorted(set(names)))
+    def __init__(self, names: Sequence[str], chunk: Optional[int] = None, maps: Sequence[str] = (),
+                 stats: Sequence[str] = _STATS):
+        unknown = set(stats) - set(_STATS)
+        if unknown:
+            raise ValueError(f"channel statistics are {_STATS}, got {sorted(unknown)}")
+        self.maps = frozenset(maps)
+        self.names = frozenset(names) | self.maps
+        self.stats = frozenset(stats)
         self.chunk = chunk
-        digest = hashlib.sha1("\n".join(self.names).encode()).hexdigest()[:12]
-        self.name = f"channel_moments:{digest}"
+        key = "\n".join(sorted(self.names)) + "|" + "\n".join(sorted(self.maps)) + "|" + ",".join(sorted(self.stats))
+        self.name = f"channel_moments:{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+
+    def covers(self, other: "ChannelMoments") -> bool:
+        """True when this analysis computes everything ``other`` asks for."""
+        return other.names <= self.names and other.maps <= self.maps and other.stats <= self.stats
+
+    def _reduction(self, name: str) -> Reduction:
+        st = self.stats
+        return Reduction(min="min" in st, max="max" in st, sum=bool(st & {"mean", "std"}), sumsq="std" in st,
+                         batch_sum=name in self.maps)
 
     def compute(self, graph: Graph, ctx: Context) -> Dict[str, Moments]:
-        acc = {}
-        for taps in iterate_taps(graph, ctx, self.names, "channel statistics", self.chunk):
-            for name, t in taps.items():
-                flat = np.asarray(t, np.float64).reshape(-1, t.shape[-1])
-                a = acc.get(name)
-                if a is None:
-                    acc[name] = [flat.min(0), flat.max(0), flat.sum(0), (flat ** 2).sum(0), len(flat)]
-                else:
-                    a[0] = np.minimum(a[0], flat.min(0))
-                    a[1] = np.maximum(a[1], flat.max(0))
-                    a[2] += flat.sum(0)
-                    a[3] += (flat ** 2).sum(0)
-                    a[4] += len(flat)
-        out = {}
-        for name, (lo, hi, s, s2, n) in acc.items():
-            mean = s / n
-            out[name] = Moments(lo, hi, mean, np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0)), n)
-        return out
+        data = ctx.require_data("channel statistics")
+        names = sorted(self.names)
+        ex = ReducingExecutor(graph, {n: self._reduction(n) for n in names})
+        acc = {n: _Accumulator() for n in names}
+        chunk = self.chunk or chunk_size(graph, names)
+        for batch in data.batches():
+            for s in range(0, len(batch), chunk):
+                x = batch[s:s + chunk]
+                for name, r in ex(x).items():
+                    acc[name].update(r, len(x))
+        return {n: a.result() for n, a in acc.items()}
 
 
-def channel_moments(graph: Graph, ctx: Context, names: Sequence[str]) -> Dict[str, Moments]:
-    """Cached :class:`ChannelMoments` of ``names``."""
-    return ctx.analysis(ChannelMoments(names), graph)
+def channel_moments(graph: Graph, ctx: Context, names: Sequence[str], maps: Sequence[str] = (),
+                    stats: Sequence[str] = _STATS) -> Dict[str, Moments]:
+    """:class:`ChannelMoments` of ``names`` (and the mean maps of ``maps``): served from any cached result for this
+    graph state that covers the request (one pass over the data can serve several passes), else computed and cached."""
+    want = ChannelMoments(names, maps=maps, stats=stats)
+    for analysis, value in ctx.cached_analyses(graph):
+        if isinstance(analysis, ChannelMoments) and analysis.covers(want):
+            return {n: value[n] for n in want.names}
+    return ctx.analysis(want, graph)

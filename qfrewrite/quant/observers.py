@@ -1,11 +1,12 @@
 """Activation observers: one streaming pass over the calibration data collecting, for every observed tensor,
 
-* per-tensor min/max, per-channel (last axis) min/max and mean over every value;
+* per-tensor min/max and per-channel (last axis) min/max over every value;
 * a histogram of ``bins`` equal bins over a range that always holds 0 and every value seen, with the number of exact
-  zeros among its values. To bound the cost (``bincount`` is the most expensive step) the histogram takes at most
-  ``hist_rows`` positions of a tensor per image, evenly strided over the chunk (2048 by default: every position of
-  a 7x7, 14x14 or 28x28 map, every 6th of a 112x112 one); over hundreds of images that is still millions of values
-  per tensor. ``hist_rows=None`` histograms everything.
+  zeros among its values. To bound the cost the histogram takes about ``hist_values`` values of a tensor per image
+  (``hist_values // C`` positions, evenly strided; 16384 by default: every position of a 7x7 or 14x14 map of up to
+  80 channels, every 49th of a 112x112x64 one); over hundreds of images that is still millions of values per
+  tensor, and on the ../shared models it chose the same ranges' top-1 as histogramming everything (V2, TF-slim V1,
+  EfficientNet-Lite0). ``hist_values=None`` histograms everything.
 
 **Histogram design: one pass, fixed bin count, exact re-binning when the range grows.** The first chunk sets the
 range ``[min(x, 0), max(x, 0)]``. When a later chunk falls outside, the range is extended to the left by a whole
@@ -14,10 +15,10 @@ old bin ``m`` then lies wholly inside new bin ``(j + m) // k``, so counts merge 
 resolution: after growth the histogram can be up to ``k`` times coarser than one over the final range, which the
 default 2048 bins absorb (the range search needs a few hundred).
 
-The data run through the float reference :class:`~qfrewrite.backend.executor.Executor` with taps, ``chunk`` images at
-a time (by default as many as keep one call's tapped values near 256 MB); every statistic is a vectorised numpy
-reduction of that chunk (``bincount`` over computed bin indices for the histogram), so memory holds one chunk's
-activations, never all images.
+The data run through the float graph ``chunk`` images at a time (by default as many as keep one call's values near
+256 MB) in a :class:`~qfrewrite.backend.executor.ReducingExecutor`: the per-channel min/max and the histogram's
+sample are taken inside the traced function, so only those leave TensorFlow; the histogram is a vectorised
+``bincount`` over computed bin indices. Memory holds one chunk's activations, never all images.
 
 The result is cached as an :class:`ActivationStats` analysis in the :class:`~qfrewrite.pass_infra.Context`
 (invalidated when a pass modifies the graph).
@@ -43,6 +44,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BINS = 2048
 #: rows (positions) of each tensor histogrammed per image; min/max/mean see every value
 DEFAULT_HIST_ROWS = 2048
+#: values of each tensor histogrammed per image (``hist_values // C`` positions, evenly strided)
+DEFAULT_HIST_VALUES = 2 ** 14
 #: tapped activations held per executor call
 DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
 
@@ -112,7 +115,6 @@ class TensorStats:
     max: float
     channel_min: np.ndarray
     channel_max: np.ndarray
-    channel_mean: np.ndarray
     zeros: int  # exact zeros among the histogrammed values
     hist: np.ndarray  # counts, int64 (of the histogrammed values: every value, or an even stride of rows)
     hist_lo: float
@@ -130,8 +132,10 @@ class TensorStats:
 class TensorObserver:
     """Accumulates :class:`TensorStats` of one tensor over chunks (numpy, vectorised).
 
-    ``hist_rows``: the histogram (and its zero count) takes at most this many rows of each chunk, evenly strided
-    (``None``: every row); min/max/mean always see every value.
+    :meth:`update_reduced` takes what :class:`~qfrewrite.backend.executor.ReducingExecutor` computed in-graph
+    (per-channel min/max/sum and count, and a row sample for the histogram); :meth:`update` computes the same from an
+    array. ``hist_rows``: the histogram (and its zero count) takes at most this many rows of each update, evenly
+    strided (``None``: every row); min/max/mean always see every value.
     """
 
     def __init__(self, name: str, bins: int = DEFAULT_BINS, hist_rows: Optional[int] = None):
@@ -141,7 +145,7 @@ class TensorObserver:
         self.count = 0
         self.hist_count = 0
         self.zeros = 0
-        self.cmin = self.cmax = self.csum = None
+        self.cmin = self.cmax = None
 
     def update(self, t: np.ndarray) -> None:
         """Observe one chunk given as an array (channels on the last axis)."""
@@ -154,31 +158,34 @@ class TensorObserver:
             return
         # per-channel reductions over (N*H, W*C) rows: long inner loops also when C is small
         wide = t.reshape(-1, t.shape[-2] * c) if t.ndim >= 3 else flat
-        cmin = wide.min(axis=0).reshape(-1, c).min(axis=0)
-        cmax = wide.max(axis=0).reshape(-1, c).max(axis=0)
-        csum = wide.sum(axis=0, dtype=np.float64).reshape(-1, c).sum(axis=0)
+        step = 1 if not self.hist_rows or len(flat) <= self.hist_rows else -(-len(flat) // int(self.hist_rows))
+        self.update_reduced(wide.min(axis=0).reshape(-1, c).min(axis=0), wide.max(axis=0).reshape(-1, c).max(axis=0),
+                            flat.shape[0], flat[::step] if step > 1 else flat)
+
+    def update_reduced(self, cmin: np.ndarray, cmax: np.ndarray, count: int, sample: Optional[np.ndarray]) -> None:
+        """Observe one chunk from its per-channel min/max over ``count`` positions and a sample of its values (any
+        shape, channels last) for the histogram."""
+        cmin, cmax = np.asarray(cmin, np.float32), np.asarray(cmax, np.float32)
         if self.cmin is None:
-            self.cmin, self.cmax, self.csum = cmin, cmax, csum
+            self.cmin, self.cmax = cmin.copy(), cmax.copy()
         else:
             np.minimum(self.cmin, cmin, out=self.cmin)
             np.maximum(self.cmax, cmax, out=self.cmax)
-            self.csum += csum
-        self.count += flat.shape[0]
-        step = 1 if not self.hist_rows or len(flat) <= self.hist_rows else -(-len(flat) // int(self.hist_rows))
-        sample = flat[::step] if step > 1 else flat
-        self.zeros += sample.size - int(np.count_nonzero(sample))
-        self.hist_count += sample.size
+        self.count += int(count)
         vmin, vmax = float(cmin.min()), float(cmax.max())
         self.hist.cover(vmin, vmax)  # the range covers every value seen, sampled or not
-        self.hist.update(sample, vmin, vmax)
+        if sample is not None and np.size(sample):
+            sample = np.asarray(sample, np.float32)
+            self.zeros += sample.size - int(np.count_nonzero(sample))
+            self.hist_count += sample.size
+            self.hist.update(sample, vmin, vmax)
 
     def result(self) -> TensorStats:
         if self.cmin is None:
             raise ValueError(f"observer of {self.name} saw no data")
         return TensorStats(self.name, self.count, float(self.cmin.min()), float(self.cmax.max()),
-                           self.cmin.astype(np.float64), self.cmax.astype(np.float64),
-                           self.csum / max(self.count, 1), self.zeros, self.hist.counts.copy(),
-                           float(self.hist.lo), float(self.hist.hi))
+                           self.cmin.astype(np.float64), self.cmax.astype(np.float64), self.zeros,
+                           self.hist.counts.copy(), float(self.hist.lo), float(self.hist.hi))
 
 
 def activation_names(graph: Graph) -> List[str]:
@@ -203,27 +210,36 @@ def chunk_size(graph: Graph, names: Sequence[str], budget_bytes: int = DEFAULT_C
 
 def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequence[str]] = None,
             chunk: Optional[int] = None, bins: int = DEFAULT_BINS, progress: Optional[bool] = None,
-            total: Optional[int] = None, hist_rows: Optional[int] = DEFAULT_HIST_ROWS) -> Dict[str, TensorStats]:
+            total: Optional[int] = None, hist_rows: Optional[int] = None,
+            hist_values: Optional[int] = DEFAULT_HIST_VALUES) -> Dict[str, TensorStats]:
     """Run the float graph over ``batches`` (NHWC) once, ``chunk`` images at a time, and observe ``names``.
 
-    ``chunk=None`` sizes the chunks so that one call's tapped values take about 256 MB (:func:`chunk_size`).
-    ``hist_rows``: histogram at most this many rows (positions) of each tensor per image, evenly strided (``None``:
-    all); min/max/mean always use every value.
+    The per-channel reductions and the histogram's row sample are computed inside the traced function
+    (:class:`~qfrewrite.backend.executor.ReducingExecutor`), so no whole activation leaves TensorFlow.
+    ``chunk=None`` sizes the chunks so that one call's values take about 256 MB (:func:`chunk_size`).
+    The histogram of a tensor with ``C`` channels takes ``hist_rows`` positions per image, evenly strided, or when
+    that is ``None`` ``max(1, hist_values // C)`` (``hist_values=None``: every position); min/max/mean always use
+    every value.
     """
     from tqdm.auto import tqdm
 
-    from ..backend.executor import Executor
+    from ..backend.executor import ReducingExecutor, Reduction
 
     if len(graph.inputs) != 1:
         raise DataError(f"the observers run single-input graphs; {graph.name!r} has {len(graph.inputs)} inputs")
     names = list(dict.fromkeys(names if names is not None else activation_names(graph)))
     for n in names:
         graph.value(n)  # GraphError on an unknown name
-    inputs = {v.name for v in graph.inputs}
-    taps = [n for n in names if n not in inputs]
     chunk = int(chunk) if chunk else chunk_size(graph, names)
-    ex = Executor(graph, taps=taps)
-    observers = {n: TensorObserver(n, bins, None if hist_rows is None else hist_rows * chunk) for n in names}
+
+    def rows(name: str) -> int:
+        if hist_rows is not None:
+            return int(hist_rows)
+        c = graph.value(name).shape[-1]
+        return -1 if hist_values is None or c is None else max(1, int(hist_values) // int(c))
+
+    ex = ReducingExecutor(graph, {n: Reduction(min=True, max=True, sample_rows=rows(n)) for n in names})
+    observers = {n: TensorObserver(n, bins) for n in names}
     disable = None if progress is None else not progress
     with tqdm(total=total, desc="calibrating", unit="img", disable=disable, leave=False) as bar:
         for batch in batches:
@@ -231,11 +247,8 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
                 x = batch[s:s + chunk]
                 if len(x) == 0:
                     continue
-                tapped = ex(x)[1] if taps else {}
-                for n in names:
-                    t = x if n in inputs else tapped.pop(n)
-                    observers[n].update(t)
-                    del t
+                for n, r in ex(x).items():
+                    observers[n].update_reduced(r["min"], r["max"], r["count"], r["sample"])
                 bar.update(len(x))
     return {n: o.result() for n, o in observers.items()}
 

@@ -92,3 +92,33 @@ def test_sequential_mode_matches_every_layer_mean(rng):
     quant_means = [v.reshape(-1, v.shape[-1]).mean(0) for v in Executor(g, taps=names, quantize=True)(x)[1].values()]
     for q, f in zip(quant_means, float_means):
         np.testing.assert_allclose(q, f, atol=1e-4 * max(1.0, np.abs(f).max()))
+
+
+@pytest.mark.parametrize("op,kshape,attrs,x_shape", [
+    (Op.CONV2D, (3, 3, 4, 5), ConvAttrs((2, 2), "SAME"), (6, 9, 7, 4)),
+    (Op.CONV2D, (3, 2, 4, 5), ConvAttrs((1, 2), ((2, 0), (1, 1)), (2, 1)), (6, 9, 8, 4)),
+    (Op.DEPTHWISE_CONV2D, (3, 3, 4, 2), ConvAttrs((2, 2), "SAME"), (6, 9, 9, 4)),
+    (Op.DEPTHWISE_CONV2D, (5, 5, 4, 1), ConvAttrs((1, 1), ((1, 3), (2, 2)), (2, 2)), (6, 12, 12, 4)),
+    (Op.DENSE, (4, 3), None, (6, 4)),
+    (Op.DENSE, (4, 3), None, (6, 5, 5, 4)),
+])
+def test_the_mean_map_shift_equals_the_mean_of_the_layer_error(rng, op, kshape, attrs, x_shape):
+    """mean(conv(E[x], dW)) is the mean over images and positions of conv(x, dW), borders, strides, dilations and
+    asymmetric pads included."""
+    from qfrewrite.ir import layer_kind, resolve_pads
+    from qfrewrite.numerics.bias import mean_output_shift
+
+    g = Graph()
+    x = g.add_input("x", (None, *x_shape[1:]))
+    delta = rng.normal(size=kshape)
+    n = g.add_node(op, [x, g.const(delta)], attrs)
+    g.outputs = [n.output]
+    data = (rng.normal(size=x_shape) + rng.normal(size=x_shape[1:])).astype(np.float32)
+    y = Executor(g)(data)[0]
+    want = y.reshape(-1, y.shape[-1]).mean(axis=0)
+    if op is Op.DENSE:
+        got = mean_output_shift(delta, data.mean(axis=0), "dense")
+    else:
+        pads = resolve_pads(attrs.padding, x_shape[1:3], kshape[:2], attrs.strides, attrs.dilations)
+        got = mean_output_shift(delta, data.mean(axis=0), layer_kind(n), attrs.strides, attrs.dilations, pads)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
