@@ -62,7 +62,7 @@ def test_activation_guard_keeps_the_tensor_range(rng, with_data):
     tap = lambda graph: Executor(graph, taps=[graph.find(Op.DEPTHWISE_CONV2D)[0].inputs[0].name])(x)[1]
     before = np.abs(next(iter(tap(g).values()))).max()
     ref = run_graph(g, x)[0]
-    res = CrossLayerEqualization()(g, Context(CalibrationSet([x]) if with_data else None))
+    res = CrossLayerEqualization(clip="exact")(g, Context(CalibrationSet([x]) if with_data else None))
     assert res.modified and res.stats["min_scale"] >= (0.0 if with_data else 1.0)
     after = np.abs(next(iter(tap(g).values()))).max()
     assert after <= before * (1 + 1e-5)
@@ -82,7 +82,7 @@ def test_chain_of_three_converges_and_stays_exact(rng):
     g = dead_channel_mobilenet(rng, tiny=0.0)
     x = rng.normal(scale=2.0, size=(4, 12, 12, 3)).astype(np.float32)
     ref = run_graph(g, x)[0]
-    res = CrossLayerEqualization(max_iter=100, tol=1e-4)(g)
+    res = CrossLayerEqualization(clip="exact", max_iter=100, tol=1e-4)(g)
     verify(g)
     assert res.stats["pairs"] == 4 and res.stats["converged"]  # the last depthwise pairs with the dense head
     # the dead stem channels (constant outputs) were never scaled: their weights stay exactly zero
@@ -160,7 +160,7 @@ def test_per_channel_minimum_converts_to_tflite_float_and_int8(rng):
     g = dw_pw_graph(rng, bn=False, dw_bias=rng.normal(size=6))
     dw = g.find(Op.DEPTHWISE_CONV2D)[0]
     dw.inputs[1].set_const(dw.weight.const * np.geomspace(0.05, 20, 6)[None, None, :, None])
-    CrossLayerEqualization()(g)
+    CrossLayerEqualization(clip="exact")(g)
     x = rng.normal(size=(1, 8, 8, 6)).astype(np.float32)
     ref = run_graph(g, x)[0]
     out, ops = _run_tflite(emit_tflite(g), x)
@@ -200,3 +200,101 @@ def test_the_folded_batchnorm_record_stays_true_through_equalization(rng):
                                    out_channels_last(raw[n.name], kind) * n.folded_bn.scale, rtol=1e-5, atol=1e-7)
     assert any(np.any(np.abs(n.folded_bn.scale - g.node(n.name).folded_bn.scale) > 1e-3)
                for n in res.graph.find(Op.DEPTHWISE_CONV2D))  # equalization did move the depthwise records
+
+
+def _binding_pair(rng):
+    """conv (channels 0..5, channel 0 an outlier whose ReLU6 binds on the data) -> ReLU6 -> depthwise."""
+    g = _pair_graph(rng, "depthwise", 6.0, spread=(1.0, 1.0))
+    c1 = g.find(Op.CONV2D)[0]
+    k = c1.weight.const.copy()
+    k[..., 0] *= 40.0  # binds: far beyond 6 on the data
+    k[..., 1:] *= np.linspace(0.05, 0.5, 5)  # never reach 6: free to grow up to their calibration maximum
+    c1.inputs[1].set_const(k)
+    return g
+
+
+def test_fused_keeps_the_clip_and_is_exact_on_the_calibration_data(rng):
+    from qfrewrite.backend.executor import Executor
+    from qfrewrite.data import CalibrationSet
+    from qfrewrite.pass_infra import Context
+
+    g = _binding_pair(rng)
+    before = g.copy()
+    x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
+    pre = g.find(Op.CONV2D)[0].output.name
+    m = Executor(g, taps=[pre])(x)[1][pre].reshape(-1, 6).max(axis=0)
+    assert m[0] > 6 and np.all(m[1:] < 6)
+    ref = run_graph(g, x)[0]
+    p = CrossLayerEqualization(clip="fused")
+    assert not p.exact  # exact on the calibration data, not for every input
+    res = p(g, Context(CalibrationSet([x[:8], x[8:]])))
+    verify(g)
+    assert res.modified and res.stats["clip_bound_channels"] == 1 and res.stats["clip"] == "fused"
+    assert len(g.find(Op.CLIP)) == 1 and g.find(Op.CLIP)[0].attrs.hi == 6.0 and not g.find(Op.MINIMUM)
+    np.testing.assert_allclose(run_graph(g, x)[0], ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    am = Executor(g, taps=[pre])(x)[1][pre].reshape(-1, 6).max(axis=0)
+    assert am[0] == pytest.approx(m[0], rel=1e-5)  # the channel whose clip binds kept s = 1
+    assert np.all(am[1:] <= 6.0 * (1 + 1e-5)) and np.all(am[1:] > m[1:] * 1.01)  # the others grew up to the clip
+    # an input beyond what calibration showed can cross a grown channel's clip: there the functions differ
+    far = x * 10.0
+    assert not np.allclose(run_graph(g, far)[0], run_graph(before, far)[0], rtol=1e-3, atol=1e-3)
+
+
+def test_fused_without_data_is_exact_for_every_input(rng):
+    """Without data the pre-clip maximum is an interval bound: a proof, so the rewrite is exact for any input."""
+    g = Graph()
+    x = g.add_input("x", (None, 8, 8, 3))
+    y = g.add_node(Op.CONV2D, [x, g.const(rng.normal(size=(1, 1, 3, 6))), g.const(rng.normal(size=6))],
+                   ConvAttrs()).output
+    y = g.add_node(Op.CLIP, [y], ClipAttrs(0.0, 6.0)).output  # bounds the depthwise input to [0, 6]
+    kd = rng.normal(size=(3, 3, 6, 1)) * np.array([0.01, 0.02, 0.05, 1.0, 2.0, 0.03])[None, None, :, None]
+    y = g.add_node(Op.DEPTHWISE_CONV2D, [y, g.const(kd), g.const(rng.uniform(-0.5, 0.5, 6))],
+                   ConvAttrs(padding="SAME")).output
+    y = g.add_node(Op.CLIP, [y], ClipAttrs(0.0, 6.0)).output
+    y = g.add_node(Op.CONV2D, [y, g.const(rng.normal(size=(1, 1, 6, 4))), g.const(rng.normal(size=4))],
+                   ConvAttrs()).output
+    g.outputs = [y]
+    before = g.copy()
+    res = CrossLayerEqualization(clip="fused")(g)
+    verify(g)
+    assert res.modified and res.stats["clip_bound_channels"] > 0 and not g.find(Op.MINIMUM)
+    for scale in (1.0, 30.0, 300.0):  # far outside any data: still exact
+        xs = rng.normal(scale=scale, size=(4, 8, 8, 3)).astype(np.float32)
+        want = run_graph(before, xs)[0]
+        np.testing.assert_allclose(run_graph(g, xs)[0], want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_the_default_clip_follows_the_spec_and_adds_no_op(rng):
+    from qfrewrite.passes.cross_layer_equalization import clip_for
+    from qfrewrite.spec import QuantSpec
+
+    assert clip_for(QuantSpec(target="tflite").resolved()) == "fused" == clip_for(QuantSpec(target="onnx"))
+    g = _binding_pair(rng)
+    res = CrossLayerEqualization()(g)
+    assert res.stats.get("clip", "fused") == "fused" and not g.find(Op.MINIMUM)
+
+
+def test_bias_correction_reuses_the_equalization_statistics(rng, monkeypatch):
+    """The fused clip keeps the function on the calibration data, so the mean maps after equalization are the maps
+    before it divided by the scales: CorrectBias reads them from the context (one pass over the data for both) and
+    corrects exactly as it would from a fresh pass."""
+    from qfrewrite.analysis import moments as moments_mod
+    from qfrewrite.data import CalibrationSet
+    from qfrewrite.pass_infra import Context, PassManager
+    from qfrewrite.passes import CorrectBias
+    from qfrewrite.spec import QuantSpec
+
+    g = _binding_pair(rng)
+    x = rng.normal(size=(16, 8, 8, 3)).astype(np.float32)
+    calls = []
+    real = moments_mod.ReducingExecutor
+    monkeypatch.setattr(moments_mod, "ReducingExecutor", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shared = g.copy()
+    PassManager([CrossLayerEqualization(clip="fused"), CorrectBias()]).run(
+        shared, Context(CalibrationSet([x]), spec=QuantSpec(weights="per_tensor")))
+    assert len(calls) == 1
+    fresh = g.copy()
+    CrossLayerEqualization(clip="fused")(fresh, Context(CalibrationSet([x])))
+    CorrectBias()(fresh, Context(CalibrationSet([x]), spec=QuantSpec(weights="per_tensor")))
+    for a, b in zip(shared.find(Op.CONV2D, Op.DEPTHWISE_CONV2D), fresh.find(Op.CONV2D, Op.DEPTHWISE_CONV2D)):
+        np.testing.assert_allclose(a.bias.const, b.bias.const, rtol=1e-5, atol=1e-6)
