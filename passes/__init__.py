@@ -7,6 +7,7 @@ from .fold_dead_channels import FoldDeadChannels
 from .insert_fakequant import InsertFakeQuant
 from .relu6_to_relu import ReLU6ToReLU
 from .remove_depthwise_bn_relu6 import RemoveDepthwiseBNReLU6
+from .select_best import SelectBest
 
 __all__ = ["AbsorbBias", "CorrectBias", "CrossLayerEqualization", "FoldBatchNorm", "FoldDeadChannels",
-           "InsertFakeQuant", "ReLU6ToReLU", "RemoveDepthwiseBNReLU6"]
+           "InsertFakeQuant", "ReLU6ToReLU", "RemoveDepthwiseBNReLU6", "SelectBest"]

@@ -19,9 +19,10 @@ from typing import Any, Dict, Optional, Union
 
 import numpy as np
 
+from .data import holdout_indices
 from .errors import DataError, OutputError, QfrewriteError
 
-__all__ = ["convert", "plan_outputs", "ConvertSummary", "RECIPES", "split_holdout"]
+__all__ = ["convert", "plan_outputs", "ConvertSummary", "RECIPES"]
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +81,18 @@ class ConvertSummary:
         return "\n".join(lines)
 
 
-def split_holdout(n: int, holdout: int):
-    """Indices ``(calibration, held_back)`` of ``n`` items with ``holdout`` evenly spaced items held back."""
-    holdout = int(max(0, min(holdout, n - 1)))
-    if holdout == 0:
-        return np.arange(n), np.arange(0)
-    held = np.unique(np.linspace(0, n - 1, holdout).round().astype(int))
-    mask = np.ones(n, bool)
-    mask[held] = False
-    return np.flatnonzero(mask), held
+def applied_passes(report) -> list:
+    """The passes that made the model, in order: a choice among pipelines as ``SelectBest[kept dfq]`` followed by
+    the kept pipeline's passes."""
+    out = []
+    for p in report.passes:
+        if p.inner:
+            out.append(p.name.rsplit(" > ", 1)[-1])
+        elif "kept" in p.stats:
+            out.append(f"{p.name}[kept {p.stats['kept']}]")
+        else:
+            out.append(p.name)
+    return out
 
 
 def _recipe_passes(recipe: str, weights: str, activations: Optional[str]):
@@ -166,7 +170,7 @@ def _convert(outs, model, output, data, recipe, weights, activations, preprocess
     n = len(images)
     if holdout is None:
         holdout = min(100, n // 10)
-    calib_idx, held_idx = split_holdout(n, holdout)
+    calib_idx, held_idx = holdout_indices(n, holdout)
     calib = images.subset(calib_idx)
     held = images.subset(held_idx) if len(held_idx) else None
     log.info("calibrating on %d images, holding back %d", len(calib), 0 if held is None else len(held))
@@ -192,7 +196,7 @@ def _convert(outs, model, output, data, recipe, weights, activations, preprocess
         input_dtype=np.dtype(in_t.dtype).name, calibration_images=len(calib),
         holdout_images=0 if held is None else len(held), agreement=agreement, top1_float=top1_f, top1_int8=top1_q,
         labels_note=labels_note, onnx=str(paths["onnx"]) if "onnx" in paths else None,
-        passes=[p.name for p in passes])
+        passes=applied_passes(result.report))
     summary.seconds = time.perf_counter() - t0
     doc = {"summary": summary.to_dict(), "report": result.report.to_dict()}
     outs.write_bytes(paths["tflite"], flatbuffer)

@@ -21,7 +21,7 @@ import numpy as np
 
 from .errors import DataError
 
-__all__ = ["CalibrationSet", "to_nhwc", "positive_limit"]
+__all__ = ["CalibrationSet", "to_nhwc", "positive_limit", "holdout_indices"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,13 @@ class CalibrationSet:
         """The inputs (a list with one array) used to measure a pass's output drift."""
         return [self._batches[0][:max_items]]
 
+    def subset(self, index) -> "CalibrationSet":
+        """The items at ``index`` (a slice or integer array) as a new set, in batches of the first batch's size."""
+        x = np.concatenate(self._batches)
+        idx = np.arange(len(x))[index]
+        size = max(1, len(self._batches[0]))
+        return CalibrationSet([x[idx[s:s + size]] for s in range(0, len(idx), size)], name=self.name)
+
     def check_fits(self, graph) -> None:
         """Raise :class:`DataError` when the batches do not fit the graph's input shape."""
         want = graph.inputs[0].shape
@@ -105,3 +112,15 @@ def positive_limit(limit) -> int:
     if int(limit) < 1:
         raise DataError(f"data limit must be a positive number of images, got {limit}")
     return int(limit)
+
+
+def holdout_indices(n: int, holdout: int):
+    """Indices ``(kept, held_back)`` of ``n`` items with ``holdout`` evenly spaced items held back (at most
+    ``n - 1``)."""
+    holdout = int(max(0, min(holdout, n - 1)))
+    if holdout == 0:
+        return np.arange(n), np.arange(0)
+    held = np.unique(np.linspace(0, n - 1, holdout).round().astype(int))
+    mask = np.ones(n, bool)
+    mask[held] = False
+    return np.flatnonzero(mask), held

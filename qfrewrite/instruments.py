@@ -25,7 +25,7 @@ from .numerics.metrics import output_drift
 from .pass_infra import Analysis, Context, Instrument, Pass, PassRecord, PassResult
 from .report import PassReport, Report
 
-__all__ = ["Verify", "MeasureDrift", "ChannelStatistics", "CollectReport", "default_instruments"]
+__all__ = ["Verify", "MeasureDrift", "ChannelStatistics", "CollectReport", "TracedGraph", "default_instruments"]
 
 
 class Verify(Instrument):
@@ -36,6 +36,18 @@ class Verify(Instrument):
 
     def after_pass(self, p: Pass, result: PassResult, ctx: Context, record: PassRecord) -> None:
         verify(result.graph)
+
+
+class TracedGraph(Analysis):
+    """The graph's traced :class:`~qfrewrite.backend.executor.Executor` (``quantize``: simulated int8), cached in the
+    context like any analysis, so consecutive users of one graph state trace it once."""
+
+    def __init__(self, quantize: bool = True):
+        self.quantize = bool(quantize)
+        self.name = f"traced_graph:quantize={self.quantize}"
+
+    def compute(self, graph: Graph, ctx: Context) -> Executor:
+        return Executor(graph, quantize=self.quantize)
 
 
 class MeasureDrift(Instrument):
@@ -62,11 +74,11 @@ class MeasureDrift(Instrument):
     def before_pass(self, p: Pass, graph: Graph, ctx: Context, record: PassRecord) -> None:
         self._reference = None
         if not p.exact:
-            self._reference = Executor(graph, quantize=True)(*self._drift_inputs(graph, ctx))
+            self._reference = ctx.analysis(TracedGraph(), graph)(*self._drift_inputs(graph, ctx))
 
     def after_pass(self, p: Pass, result: PassResult, ctx: Context, record: PassRecord) -> None:
         if self._reference is not None and result.modified:
-            drift = output_drift(self._reference, Executor(result.graph, quantize=True)(*self._inputs))
+            drift = output_drift(self._reference, ctx.analysis(TracedGraph(), result.graph)(*self._inputs))
             drift["on"] = "calibration batch" if ctx.data is not None else "random normal batch"
             record.measurements["drift"] = drift
         self._reference = None
@@ -103,11 +115,16 @@ class CollectReport(Instrument):
             self.report = Report(source=graph.meta.get("source"))
 
     def after_pass(self, p: Pass, result: PassResult, ctx: Context, record: PassRecord) -> None:
+        self._add(record, record.name, False)
+
+    def _add(self, record: PassRecord, name: str, inner: bool) -> None:
         m = record.measurements
-        self.report.add(PassReport(name=record.name, exact=record.exact, modified=record.modified,
+        self.report.add(PassReport(name=name, exact=record.exact, modified=record.modified,
                                    stats=record.stats, skipped=record.skipped, seconds=record.seconds,
                                    drift=m.get("drift"), stats_before=m.get("stats_before"),
-                                   stats_after=m.get("stats_after")))
+                                   stats_after=m.get("stats_after"), inner=inner))
+        for sub in record.nested:  # the inner passes that made the graph, as rows of their own
+            self._add(sub, f"{name} > {sub.name}", True)
 
 
 def default_instruments(verify_each: bool = True, stats: Union[bool, Analysis, Callable, None] = True,

@@ -50,12 +50,17 @@ class Skip:
 @dataclass
 class PassResult:
     """What a pass returns: the (possibly same, edited in place) graph, whether it changed, its statistics and what it
-    left alone, with why."""
+    left alone, with why. A pass made of passes (a :class:`PassManager`, a choice among pipelines) lists the runs
+    of its inner passes that produced the graph in ``nested``."""
 
     graph: Graph
     modified: bool
     stats: Dict[str, Any] = field(default_factory=dict)
     skipped: List[Skip] = field(default_factory=list)
+    nested: List["PassRecord"] = field(default_factory=list)
+    #: analyses of the graph before the pass that its edits transform exactly, as ``(analysis, new result)``: the
+    #: manager caches them for the graph after it, so the next pass need not recompute them
+    carried: List[Tuple["Analysis", Any]] = field(default_factory=list)
 
     @property
     def reason(self) -> Optional[str]:
@@ -101,8 +106,18 @@ class Context:
         key = f"{analysis.name}:{id(graph)}"
         if key not in self._cache:
             log.debug("computing analysis %s", analysis.name)
-            self._cache[key] = analysis.compute(graph, self)
-        return self._cache[key]
+            self._cache[key] = (analysis, analysis.compute(graph, self))
+        return self._cache[key][1]
+
+    def put(self, analysis: Analysis, graph: Graph, value: Any) -> None:
+        """Cache ``value`` as the result of ``analysis`` on the current state of ``graph`` (a pass that knows how its
+        edits transform an analysis hands the new result on: :attr:`PassResult.carried`)."""
+        self._cache[f"{analysis.name}:{id(graph)}"] = (analysis, value)
+
+    def cached_analyses(self, graph: Graph) -> List[Tuple[Analysis, Any]]:
+        """The ``(analysis, result)`` pairs cached for the current state of ``graph``."""
+        suffix = f":{id(graph)}"
+        return [v for k, v in self._cache.items() if k.endswith(suffix)]
 
     def cached(self, name: str, graph: Graph) -> bool:
         return f"{name}:{id(graph)}" in self._cache
@@ -192,6 +207,7 @@ class PassRecord:
     skipped: List[Skip] = field(default_factory=list)
     seconds: float = 0.0
     measurements: Dict[str, Any] = field(default_factory=dict)
+    nested: List["PassRecord"] = field(default_factory=list)
 
 
 class Instrument:
@@ -290,8 +306,10 @@ class PassManager(Pass):
         any_modified = False
         ran: List[str] = []
         skipped: List[Skip] = []
+        records: List[PassRecord] = []
         for p, c in zip(self.passes, contracts):
             record = PassRecord(name=p.name, exact=p.exact)
+            records.append(record)
             stage = "before it ran"
             try:
                 if self.check_contracts:
@@ -305,10 +323,13 @@ class PassManager(Pass):
                 record.seconds = time.perf_counter() - t0
                 if result.modified:
                     ctx.invalidate()
+                    for analysis, value in result.carried:
+                        ctx.put(analysis, result.graph, value)
                 stage = "after it ran"
                 if self.check_contracts:
                     self._checked(c.ensures, result.graph, "after it ran, which it ensures", p, PostconditionError)
                 record.modified, record.stats, record.skipped = result.modified, result.stats, list(result.skipped)
+                record.nested = list(result.nested)
                 for ins in self.instruments:
                     ins.after_pass(p, result, ctx, record)
             except QfrewriteError as exc:
@@ -325,4 +346,4 @@ class PassManager(Pass):
             log.info("pass %s: modified=%s %s", p.name, result.modified, result.stats)
         for ins in self.instruments:
             ins.finish(graph, ctx)
-        return PassResult(graph, any_modified, {"passes": ran}, skipped)
+        return PassResult(graph, any_modified, {"passes": ran}, skipped, records)

@@ -27,7 +27,7 @@ from typing import Any, Iterable, List, Optional
 
 from .pass_infra import Pass, ordered
 from .passes import (AbsorbBias, CorrectBias, CrossLayerEqualization, FoldBatchNorm, FoldDeadChannels,
-                     InsertFakeQuant, ReLU6ToReLU, RemoveDepthwiseBNReLU6)
+                     InsertFakeQuant, ReLU6ToReLU, RemoveDepthwiseBNReLU6, SelectBest)
 from .spec import QuantSpec, merge_statements
 
 __all__ = ["Recipe", "plain", "dfq", "qualcomm"]
@@ -48,7 +48,8 @@ class Recipe(list):
         return f"Recipe({self.name!r}, [{', '.join(map(repr, self))}], {self.spec})"
 
 
-def _recipe(name: str, passes: List[Pass], quantize: bool, spec: Optional[QuantSpec], options) -> Recipe:
+def _split_options(name: str, spec: Optional[QuantSpec], options):
+    """The recipe's spec (``spec`` merged with the options that are spec fields) and InsertFakeQuant's knobs."""
     stated = {k: v for k, v in options.items() if k in _SPEC_FIELDS and v is not None}
     knobs = {k: v for k, v in options.items() if k not in _SPEC_FIELDS}
     unknown = set(knobs) - {"percentile", "saturation_weight"}
@@ -56,6 +57,11 @@ def _recipe(name: str, passes: List[Pass], quantize: bool, spec: Optional[QuantS
         raise TypeError(f"recipes.{name}() got unexpected options {sorted(unknown)}: give QuantSpec fields "
                         f"({', '.join(sorted(_SPEC_FIELDS))}) or InsertFakeQuant's percentile / saturation_weight")
     full = merge_statements(spec, [(f"recipes.{name}(...)", QuantSpec(**stated))], spec_source="the recipe's spec")
+    return full, knobs
+
+
+def _recipe(name: str, passes: List[Pass], quantize: bool, spec: Optional[QuantSpec], options) -> Recipe:
+    full, knobs = _split_options(name, spec, options)
     if quantize:
         passes = passes + [InsertFakeQuant(**knobs)]
     return Recipe(name, ordered(passes, full), full)
@@ -66,46 +72,46 @@ def plain(spec: Optional[QuantSpec] = None, quantize: bool = True, **options: An
     return _recipe("plain", [FoldBatchNorm()], quantize, spec, options)
 
 
-def dfq(spec: Optional[QuantSpec] = None, quantize: bool = True, absorb: bool = False, **options: Any) -> Recipe:
+def dfq(spec: Optional[QuantSpec] = None, quantize: bool = True, absorb: bool = False, clip: Optional[str] = None,
+        compare: bool = True, **options: Any) -> Recipe:
     """The best no-retraining recipe measured here: data-free quantization (Nagel et al. 2019) guarded for dead
-    channels, with data-driven bias correction.
+    channels, with data-driven bias correction, never worse than :func:`plain`.
 
     1. ``FoldBatchNorm``: the weights as the int8 model will hold them;
     2. ``FoldDeadChannels`` (exact): constant channels (all-zero weights, or a ReLU whose input provably never
        crosses 0) folded into the next layer's bias, so the depthwise weights that only ever see a constant, the
        outliers that collapse TF-slim MobileNetV1, are zeroed;
-    3. ``CrossLayerEqualization`` (exact): per-channel weight ranges equalized through ReLU6 with a per-channel
-       clip; dead/constant/near-zero channels never scaled, no channel pushed out of its tensor's range;
+    3. ``CrossLayerEqualization``: per-channel weight ranges equalized through ReLU6; by default with the clip kept
+       fused (exact on the calibration data, no op added to the int8 model: ``clip="fused"``), ``clip="exact"`` for
+       a per-channel clip (a TFLite MINIMUM per ReLU6, which XNNPACK cannot run); dead/constant/near-zero channels
+       never scaled, no channel pushed out of its tensor's range;
     4. ``AbsorbBias`` only with ``absorb=True`` (no gain measured on these models);
     5. ``CorrectBias``: the expected output error of the quantized kernels removed from the biases, for exactly the
        weight quantization InsertFakeQuant applies (both read the recipe's spec);
     6. ``InsertFakeQuant``.
 
-    Measured (``benchmarks/run_all.py``: 200 calibration and 500 disjoint evaluation images from ../shared, the
-    emitted int8 TFLite models scored in LiteRT, InsertFakeQuant's default MSE activation ranges), top-1 %:
-
-    ========================== ===== ========== ========== ============ ============= =============
-    model                      float dfq tensor dfq channel plain tensor plain channel TF PTQ t / c
-    ========================== ===== ========== ========== ============ ============= =============
-    TF-slim MobileNetV1 1.0    91.0  91.2       91.2        3.8         89.2          4.0 / 89.2
-    torchvision MobileNetV2    83.6  83.2       84.2        81.4        83.2          80.4 / 81.2
-    Keras MobileNetV1 0.25     59.2  58.0       60.0        0.0         58.2          0.0 / 57.4
-    ========================== ===== ========== ========== ============ ============= =============
-
-    The price of the exact per-channel clips: one MINIMUM per equalized ReLU6. LiteRT int8 latency, batch 1, on a
-    shared 2-core x86 machine: MobileNetV1 3.19 -> 3.63 ms (1 thread), MobileNetV2 3.70 -> 4.07 ms.
+    With ``compare=True`` (the default, and only when quantizing) steps 2-6 and plain's InsertFakeQuant run side by
+    side under :class:`~qfrewrite.passes.SelectBest`: both calibrated on the calibration images less a held-back
+    tenth, the one whose int8 outputs are closer to float on the held-back images is kept, and the report says which
+    and why.
 
     Why this order (which the passes' contracts encode): on V1 per-tensor (800 images, float 89.75) FoldDeadChannels
     + CorrectBias alone reached 88.5 and adding the equalization 89.5; the equalization before dead-channel folding
     (or with near-dead channels left unfolded) made it worse (82-83), because a guarded constant channel kept its
     outlier range while the others shrank. Sequential bias correction and bias absorption gave no gain when tried
     (V1 per-tensor, before dead channels were also found from bounds: sequential 86.1 vs 86.8, absorption 82.0 vs
-    82.4; within noise).
+    82.4; within noise). The measured top-1 of this recipe is in the README's benchmark table.
     """
-    passes: List[Pass] = [FoldBatchNorm(), FoldDeadChannels(), CrossLayerEqualization(), CorrectBias()]
+    full, knobs = _split_options("dfq", spec, options)
+    passes: List[Pass] = [FoldDeadChannels(), CrossLayerEqualization(clip=clip), CorrectBias()]
     if absorb:
         passes.append(AbsorbBias())
-    return _recipe("dfq", passes, quantize, spec, options)
+    if not quantize:
+        return Recipe("dfq", ordered([FoldBatchNorm()] + passes, full), full)
+    rewriting = ordered(passes + [InsertFakeQuant(**knobs)], full)
+    if not compare:
+        return Recipe("dfq", ordered([FoldBatchNorm()] + rewriting, full), full)
+    return Recipe("dfq", [FoldBatchNorm(), SelectBest({"dfq": rewriting, "plain": [InsertFakeQuant(**knobs)]})], full)
 
 
 def qualcomm(spec: Optional[QuantSpec] = None, quantize: bool = True, **options: Any) -> Recipe:

@@ -35,6 +35,8 @@ class PassReport:
     drift: Optional[Dict[str, Any]] = None
     stats_before: Optional[Any] = None
     stats_after: Optional[Any] = None
+    #: a pass run inside another one (the kept pipeline of a choice): reported, but not a state of the outer list
+    inner: bool = False
 
 
 def _is_channel_stats(x) -> bool:
@@ -88,12 +90,21 @@ class Report:
         self.passes.append(entry)
 
     def __getitem__(self, name_or_index):
+        """An entry by position, by name, or by the name of a pass run inside another (``"Outer > Inner"``)."""
         if isinstance(name_or_index, int):
             return self.passes[name_or_index]
         for p in self.passes:
             if p.name == name_or_index:
                 return p
+        for p in self.passes:
+            if p.name.rsplit(" > ", 1)[-1] == name_or_index:
+                return p
         raise KeyError(name_or_index)
+
+    @property
+    def outer(self) -> List[PassReport]:
+        """The entries of the passes of the list itself (not those run inside another pass)."""
+        return [p for p in self.passes if not p.inner]
 
     def __len__(self) -> int:
         return len(self.passes)
@@ -102,12 +113,12 @@ class Report:
     @property
     def first_stats(self):
         """The statistics of the graph before the first pass (``None`` without statistics)."""
-        return self.passes[0].stats_before if self.passes else None
+        return self.outer[0].stats_before if self.outer else None
 
     @property
     def last_stats(self):
         """The statistics of the graph after the last pass."""
-        return self.passes[-1].stats_after if self.passes else None
+        return self.outer[-1].stats_after if self.outer else None
 
     # -- JSON ------------------------------------------------------------------------------------------------------
     def to_dict(self) -> Dict[str, Any]:
@@ -115,7 +126,7 @@ class Report:
         for p in self.passes:
             passes.append({"name": p.name, "exact": p.exact, "modified": p.modified, "stats": p.stats,
                            "skipped": [{"node": s.node, "reason": s.reason} for s in p.skipped],
-                           "seconds": p.seconds, "drift": p.drift, "stats_before": p.stats_before,
+                           "seconds": p.seconds, "inner": p.inner, "drift": p.drift, "stats_before": p.stats_before,
                            "stats_after": p.stats_after})
         out: Dict[str, Any] = {"source": self.source, "passes": passes}
         for key, st in (("layers_first", self.first_stats), ("layers_last", self.last_stats)):
@@ -131,7 +142,7 @@ class Report:
         from rich import box
         from rich.table import Table
 
-        with_stats = all(_is_channel_stats(p.stats_before) for p in self.passes) and self.passes
+        with_stats = all(_is_channel_stats(p.stats_before) for p in self.outer) and self.outer
         t = Table(title=f"passes{' on ' + str(self.source) if self.source else ''}", title_justify="left",
                   box=box.SIMPLE_HEAD)
         for col, just in (("#", "right"), ("pass", "left"), ("change", "left"), ("drift dB", "right"),
@@ -145,7 +156,9 @@ class Report:
             change = "none" if not p.modified else "exact" if p.exact else "approx"
             row = [str(i + 1), p.name, change, _fmt(drift.get("sqnr_db"), ".1f"),
                    _fmt(drift.get("top1_agreement"), ".3f"), f"{p.seconds:.1f}"]
-            if with_stats:
+            if with_stats and p.inner:
+                row += [""] * 4
+            elif with_stats:
                 a, b = p.stats_before.totals(), p.stats_after.totals()
                 row += [_arrow(a["max_depthwise_spread"], b["max_depthwise_spread"]),
                         _arrow(a["zero_channels"], b["zero_channels"], "d"),
@@ -203,7 +216,7 @@ class Report:
             yield "(no pass ran)"
             return
         yield self._pass_table()
-        if all(_is_channel_stats(p.stats_before) for p in self.passes):
+        if all(_is_channel_stats(p.stats_before) for p in self.outer):
             from rich.text import Text
 
             yield Text("change: none, exact (the float function is kept) or approx; drift: SQNR of the outputs "

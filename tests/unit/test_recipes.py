@@ -24,16 +24,27 @@ def test_dfq_carries_the_spec_that_its_passes_read():
     ctx = Context(spec=passes.spec)
     assert (cb.option(ctx, "weights"), cb.option(ctx, "bits")) == ("per_channel", 7)
     assert [type(p) for p in passes].index(FoldDeadChannels) < [type(p) for p in passes].index(CrossLayerEqualization)
-    assert [p for p in passes if isinstance(p, CrossLayerEqualization)][0].exact
+    cle = [p for p in passes if isinstance(p, CrossLayerEqualization)][0]
+    assert cle.clip is None and not cle.exact  # the spec's choice: the fused clip, exact on the calibration data
+    assert recipes.dfq(clip="exact", quantize=False)[2].exact
 
 
 def test_recipe_order_comes_from_the_contracts_not_the_listing():
-    dfq = recipes.dfq(absorb=True)
+    dfq = recipes.dfq(absorb=True, compare=False)
     assert [p.name for p in dfq] == ["FoldBatchNorm", "FoldDeadChannels", "CrossLayerEqualization", "AbsorbBias",
                                      "CorrectBias", "InsertFakeQuant"]
     shuffled = ordered([InsertFakeQuant(), CorrectBias(), CrossLayerEqualization(), FoldDeadChannels(),
                         FoldBatchNorm()])
-    assert [p.name for p in shuffled] == [p.name for p in recipes.dfq()]
+    assert [p.name for p in shuffled] == [p.name for p in recipes.dfq(compare=False)]
+
+
+def test_dfq_compares_itself_with_plain_by_default():
+    dfq = recipes.dfq()
+    assert [p.name for p in dfq] == ["FoldBatchNorm", "SelectBest"]
+    cands = dfq[1].candidates
+    assert [p.name for p in cands["dfq"].passes] == ["FoldDeadChannels", "CrossLayerEqualization", "CorrectBias",
+                                                    "InsertFakeQuant"]
+    assert [p.name for p in cands["plain"].passes] == ["InsertFakeQuant"]
 
 
 def test_recipe_options_must_be_spec_fields_or_fakequant_knobs():
@@ -47,15 +58,37 @@ def test_recipes_end_with_insert_fakequant_when_available():
         from qfrewrite.passes import InsertFakeQuant  # noqa: F401
     except ImportError:
         pytest.skip("InsertFakeQuant is not in this build")
-    for recipe in (recipes.plain, recipes.dfq, recipes.qualcomm):
+    for recipe in (recipes.plain, recipes.qualcomm, lambda **kw: recipes.dfq(compare=False, **kw)):
         assert type(recipe(weights="per_tensor")[-1]).__name__ == "InsertFakeQuant"
 
 
 def test_dfq_rewrite_runs_end_to_end(rng):
     g = dead_channel_mobilenet(rng, pad="VALID")
     x = rng.normal(size=(8, 12, 12, 3)).astype(np.float32)
-    res = qfrewrite.rewrite(g, passes=recipes.dfq(weights="per_tensor"), data=x)
+    res = qfrewrite.rewrite(g, passes=recipes.dfq(weights="per_tensor", compare=False), data=x)
     names = [p.name for p in res.report.passes]
     assert names[:4] == ["FoldBatchNorm", "FoldDeadChannels", "CrossLayerEqualization", "CorrectBias"]
     assert res.report["FoldDeadChannels"].modified and res.report["CorrectBias"].modified
     assert res.report["CorrectBias"].drift is not None  # not exact: the manager measured the drift
+
+
+def test_dfq_keeps_plain_when_plain_is_closer_to_float(rng, monkeypatch):
+    """The comparison decides: with dfq's rewriting made worse on purpose, plain is kept and the report says why."""
+    from qfrewrite.passes import correct_bias
+
+    g = dead_channel_mobilenet(rng, pad="VALID")
+    x = rng.normal(size=(48, 12, 12, 3)).astype(np.float32)
+    res = qfrewrite.rewrite(g, passes=recipes.dfq(weights="per_tensor"), data=x)
+    sel = res.report["SelectBest"]
+    assert sel.stats["held_back"] == 16 and sel.stats["calibrated_on"] == 32 and sel.stats["kept"] in ("dfq", "plain")
+    assert "held-back" in sel.stats["why"] and set(sel.stats["scores"]) == {"dfq", "plain"}
+    assert any(p.name.startswith("SelectBest > ") for p in res.report.passes)  # the kept pipeline's passes
+    # sabotage the rewriting: a bias "correction" that adds a large error makes plain the better candidate
+    monkeypatch.setattr(correct_bias.CorrectBias, "_mean_error",
+                        staticmethod(lambda node, delta, m: np.full(delta.shape[-1] if node.op.value != "DepthwiseConv2D"
+                                                                    else delta.shape[2] * delta.shape[3], -50.0)))
+    res = qfrewrite.rewrite(g, passes=recipes.dfq(weights="per_tensor"), data=x)
+    sel = res.report["SelectBest"]
+    assert sel.stats["kept"] == "plain"
+    assert sel.stats["scores"]["plain"]["sqnr_db"] > sel.stats["scores"]["dfq"]["sqnr_db"]
+    assert not res.graph.find(qfrewrite.Op.MINIMUM) and "InsertFakeQuant" in str(res.report)

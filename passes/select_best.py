@@ -1,0 +1,120 @@
+"""Keep the best of several candidate pipelines, judged on calibration images held back from their calibration.
+
+Each candidate is a list of passes that ends with the graph quantized (typically a rewriting recipe and ``plain``).
+The pass splits the calibration data: ``holdout`` of it (evenly spaced, between ``min_holdout`` and ``max_holdout``
+images) is held back, the rest calibrates every candidate on its own copy of the graph. On the held-back images each
+candidate's simulated int8 outputs are compared with the float outputs of the graph as it came in; the candidate with
+the highest output SQNR is kept (ties: the earlier one), and the others are dropped. This is how a recipe is never
+worse than plain on a model: ``recipes.dfq()`` puts its passes and ``plain``'s side by side.
+
+With fewer than ``2 * min_holdout`` calibration images nothing can be held back: the first candidate is kept and
+the report says so. ``stats["scores"]`` gives each candidate's SQNR (dB) and top-1 agreement with float on the held-back
+images and its run time; ``stats["kept"]`` the one kept and why.
+
+Not exact (its candidates quantize). Contract: what its candidates' pipelines require, forbid and all ensure.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Mapping, Sequence
+
+import numpy as np
+
+from qfrewrite.backend.executor import Executor
+from qfrewrite.contracts import Contract
+from qfrewrite.data import holdout_indices
+from qfrewrite.errors import QfrewriteError
+from qfrewrite.instruments import Verify
+from qfrewrite.ir import Graph
+from qfrewrite.numerics.metrics import output_drift
+from qfrewrite.pass_infra import Context, Pass, PassManager, PassResult, Skip
+from qfrewrite.spec import QuantSpec, merge_statements
+
+__all__ = ["SelectBest"]
+
+log = logging.getLogger(__name__)
+
+
+class SelectBest(Pass):
+    """Run each candidate pipeline and keep the one whose int8 outputs are closest to float on held-back images."""
+
+    exact = False
+    needs_data = True
+
+    def __init__(self, candidates: Mapping[str, Sequence[Pass]], holdout: float = 0.1, min_holdout: int = 16,
+                 max_holdout: int = 64):
+        if not candidates:
+            raise QfrewriteError("SelectBest needs at least one candidate pipeline")
+        if not 0.0 < float(holdout) < 0.5:
+            raise QfrewriteError(f"SelectBest holdout must be a fraction in (0, 0.5), got {holdout}")
+        self.candidates: Dict[str, PassManager] = {name: PassManager(list(passes), instruments=[Verify()])
+                                                  for name, passes in candidates.items()}
+        self.holdout, self.min_holdout, self.max_holdout = float(holdout), int(min_holdout), int(max_holdout)
+
+    def __repr__(self) -> str:
+        return "SelectBest(" + ", ".join(f"{k}=[{', '.join(p.name for p in pm.passes)}]"
+                                         for k, pm in self.candidates.items()) + ")"
+
+    def contract(self, spec: QuantSpec) -> Contract:
+        cs = [pm.contract(spec) for pm in self.candidates.values()]
+        return Contract(frozenset().union(*(c.requires for c in cs)),
+                        frozenset.intersection(*(c.ensures for c in cs)),
+                        frozenset().union(*(c.forbids for c in cs)))
+
+    def spec_statement(self) -> QuantSpec:
+        return merge_statements(None, [(f"{self.name} candidate {k!r}", pm.spec_statement())
+                                       for k, pm in self.candidates.items()])
+
+    def _split(self, data):
+        n = len(data)
+        held = int(np.clip(round(self.holdout * n), self.min_holdout, self.max_holdout))
+        if n < 2 * self.min_holdout:
+            return data, None
+        keep, back = holdout_indices(n, held)
+        return data.subset(keep), data.subset(back)
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        data = ctx.require_data(self.name)
+        for name, pm in self.candidates.items():  # every candidate's order and options, before any work
+            try:
+                pm.check(graph, ctx.stated_spec)
+            except QfrewriteError as exc:
+                raise QfrewriteError(f"candidate {name!r}: {exc}") from exc
+        calib, held = self._split(data)
+        names = list(self.candidates)
+        if held is None or len(names) == 1:
+            why = (f"only {len(data)} calibration images: none held back to compare" if held is None
+                   else "one candidate")
+            first = names[0]
+            result = self._run_candidate(first, graph.copy(), ctx, data)
+            return PassResult(result.graph, True, {"kept": first, "why": why, "scores": {}},
+                              [Skip(None, f"no comparison: {why}")], result.nested)
+        x = np.concatenate(list(held.batches()))
+        reference = Executor(graph)(x)
+        scores: Dict[str, dict] = {}
+        results: Dict[str, PassResult] = {}
+        for name in names:
+            t0 = time.perf_counter()
+            res = self._run_candidate(name, graph.copy(), ctx, calib)
+            drift = output_drift(reference, Executor(res.graph, quantize=True)(x))
+            scores[name] = {"sqnr_db": drift["sqnr_db"], "top1_agreement": drift["top1_agreement"],
+                            "seconds": time.perf_counter() - t0,
+                            "passes": [p.name for p in self.candidates[name].passes]}
+            results[name] = res
+            log.info("SelectBest: %s scores %.2f dB, top-1 agreement %.3f", name, drift["sqnr_db"],
+                     drift["top1_agreement"])
+        best = max(names, key=lambda k: (scores[k]["sqnr_db"], -names.index(k)))
+        others = ", ".join(f"{k} {scores[k]['sqnr_db']:.1f} dB" for k in names if k != best)
+        why = (f"highest output SQNR on {len(x)} held-back calibration images: {scores[best]['sqnr_db']:.1f} dB "
+               f"(top-1 agreement {100 * scores[best]['top1_agreement']:.1f}%) against {others}")
+        return PassResult(results[best].graph, True, {"kept": best, "why": why, "scores": scores,
+                                                      "held_back": len(x), "calibrated_on": len(calib)},
+                          nested=results[best].nested)
+
+    def _run_candidate(self, name: str, graph: Graph, ctx: Context, data) -> PassResult:
+        sub = Context(data=data, spec=ctx.stated_spec)
+        try:
+            return self.candidates[name].run(graph, sub)
+        except QfrewriteError as exc:
+            raise QfrewriteError(f"candidate {name!r}: {exc}") from exc
