@@ -56,7 +56,10 @@ from qfrewrite.errors import QfrewriteError
 from qfrewrite.ir import (WEIGHTED_OPS, ClipAttrs, ConvAttrs, FakeQuantAttrs, Graph, Node, Op, ReshapeAttrs, bn_affine, const_operand, is_graph_output, sole_reader)
 from qfrewrite.numerics.ranges import ACTIVATION_METHODS
 from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
-from qfrewrite.quant.observers import activation_stats
+from qfrewrite.quant.observers import ActivationStats, activation_stats
+from qfrewrite.quant.points import SAME_SCALE_OPS as _SAME_SCALE
+from qfrewrite.quant.points import output_sources as _output_sources
+from qfrewrite.quant.points import quantization_points
 from qfrewrite.quant.ranges import activation_range
 from qfrewrite.quant.weights import GRANULARITIES, WEIGHT_METHODS, weight_quant_attrs
 from qfrewrite.spec import QuantSpec
@@ -65,47 +68,10 @@ __all__ = ["InsertFakeQuant", "quantization_points"]
 
 log = logging.getLogger(__name__)
 
-#: ops the converter fuses a following ReLU / ReLU6 into
-_FUSING = WEIGHTED_OPS | {Op.ADD}
-#: ops that TFLite runs at their input's scale
-_SAME_SCALE = (Op.PAD, Op.MAX_POOL, Op.AVG_POOL, Op.RESHAPE, Op.FLATTEN)
 #: ops with a fixed int8 output range
 _FIXED_OUTPUT = (Op.SOFTMAX, Op.SIGMOID)
 #: the largest int32 bias code allowed (half of int32's range: headroom for the accumulator)
 _BIAS_LIMIT = 2.0 ** 30
-
-
-def _fusable_activation(node: Node) -> bool:
-    if node.op is Op.RELU:
-        return True
-    return node.op is Op.CLIP and node.attrs.lo == 0.0 and (node.attrs.hi is None or node.attrs.hi == 6.0)
-
-
-def quantization_points(graph: Graph) -> List[str]:
-    """Names of the values that get a FakeQuant, in topological order (see the module docstring)."""
-    points = [v.name for v in graph.inputs]
-    for node in graph.topological_order():
-        v = node.output
-        if node.op in _SAME_SCALE or node.op is Op.FAKE_QUANT:
-            continue
-        if node.op in _FUSING:
-            reader = sole_reader(v)
-            if reader is not None and _fusable_activation(reader):
-                continue
-        points.append(v.name)
-    return points
-
-
-def _output_sources(graph: Graph) -> set:
-    """Names of the graph outputs and of the values they copy through same-scale ops (Reshape, Pad, ...)."""
-    out = set()
-    for v in graph.outputs:
-        while True:
-            out.add(v.name)
-            if v.producer is None or v.producer.op not in _SAME_SCALE:
-                break
-            v = v.producer.inputs[0]
-    return out
 
 
 class InsertFakeQuant(Pass):
@@ -146,7 +112,10 @@ class InsertFakeQuant(Pass):
         return f"InsertFakeQuant({', '.join(opts)})"
 
     # -- exact structural rewrites -------------------------------------------------------------------------------
-    def _dense_as_conv(self, graph: Graph, weights: str, method: str, bits: int) -> List[str]:
+    def _dense_as_conv(self, graph: Graph, weights: str, method: str, bits: int,
+                       aliases: Dict[str, str]) -> List[str]:
+        """Dense layers with per-channel weights as 1x1 convs; ``aliases`` gets each new value's name mapped to the
+        existing value that holds the same numbers (so that statistics observed before carry over)."""
         done = []
         for node in graph.find(Op.DENSE):
             wq = node.weight_quant
@@ -171,7 +140,10 @@ class InsertFakeQuant(Pass):
             conv.folded_bn = node.folded_bn
             y = conv.output
             if len(x.shape) == 2:
+                aliases[ins[0].name] = x.name
+                aliases[conv.output.name] = node.output.name
                 y = graph.add_node(Op.RESHAPE, [y], ReshapeAttrs((out,)), name=node.name + "/flatten").output
+            aliases[y.name] = node.output.name
             node.output.replace_all_uses_with(y)
             graph.remove_node(node)
             done.append(node.name)
@@ -257,11 +229,18 @@ class InsertFakeQuant(Pass):
             log.info("rewrote %d BatchNorm/Normalize/HardSigmoid nodes as Mul/Add/Clip (run FoldBatchNorm first to "
                      "fold BatchNorm into the layers)", len(rewritten))
             stats["rewritten_as_elementwise"] = rewritten
-        dense = self._dense_as_conv(graph, weights, method, weight_bits)
+        every = ActivationStats(None)
+        observed_before = ctx.analysis(every, graph) if ctx.cached(every.name, graph) else None
+        aliases: Dict[str, str] = {}
+        dense = self._dense_as_conv(graph, weights, method, weight_bits, aliases)
         if dense:
             stats["dense_as_conv"] = dense
-        if rewritten or stats.get("dense_as_conv"):
+        if rewritten or dense:
             ctx.invalidate()
+            if observed_before is not None and not rewritten:  # the 1x1 convs compute what the Dense layers did
+                carried = dict(observed_before)
+                carried.update({new: observed_before[old] for new, old in aliases.items() if old in observed_before})
+                ctx.put(every, graph, carried)
 
         # weights
         n_weights = 0

@@ -7,6 +7,11 @@ candidate's simulated int8 outputs are compared with the float outputs of the gr
 the highest output SQNR is kept (ties: the earlier one), and the others are dropped. This is how a recipe is never
 worse than plain on a model: ``recipes.dfq()`` puts its passes and ``plain``'s side by side.
 
+The candidates share one calibration pass: the activation statistics of the graph as it came in (every activation's
+observers and the mean maps of the weighted layers' inputs, :mod:`qfrewrite.analysis.calibration_pass`) are computed
+once on the calibration images and served to every candidate, so a candidate that quantizes the graph as it is
+(``plain``) and one whose first pass reads those statistics (equalization) run no pass of their own over the data.
+
 With fewer than ``2 * min_holdout`` calibration images nothing can be held back: the first candidate is kept and
 the report says so. ``stats["scores"]`` gives each candidate's SQNR (dB) and top-1 agreement with float on the held-back
 images and its run time; ``stats["kept"]`` the one kept and why.
@@ -21,11 +26,12 @@ from typing import Dict, Mapping, Sequence
 
 import numpy as np
 
+from qfrewrite.analysis.calibration_pass import calibration_statistics, serve
 from qfrewrite.backend.executor import Executor
 from qfrewrite.contracts import Contract
 from qfrewrite.data import holdout_indices
 from qfrewrite.errors import QfrewriteError
-from qfrewrite.instruments import Verify
+from qfrewrite.instruments import TracedGraph, Verify
 from qfrewrite.ir import Graph
 from qfrewrite.numerics.metrics import output_drift
 from qfrewrite.pass_infra import Context, Pass, PassManager, PassResult, Skip
@@ -91,13 +97,18 @@ class SelectBest(Pass):
             return PassResult(result.graph, True, {"kept": first, "why": why, "scores": {}},
                               [Skip(None, f"no comparison: {why}")], result.nested)
         x = np.concatenate(list(held.batches()))
-        reference = Executor(graph)(x)
+        t0 = time.perf_counter()
+        reference = ctx.analysis(TracedGraph(), graph)(x)  # the manager's drift measurement traced it already
+        shared = calibration_statistics(graph, calib)
+        shared_seconds = time.perf_counter() - t0
         scores: Dict[str, dict] = {}
         results: Dict[str, PassResult] = {}
+        executors: Dict[str, Executor] = {}
         for name in names:
             t0 = time.perf_counter()
-            res = self._run_candidate(name, graph.copy(), ctx, calib)
-            drift = output_drift(reference, Executor(res.graph, quantize=True)(x))
+            res = self._run_candidate(name, graph.copy(), ctx, calib, shared)
+            executors[name] = Executor(res.graph, quantize=True)
+            drift = output_drift(reference, executors[name](x))
             scores[name] = {"sqnr_db": drift["sqnr_db"], "top1_agreement": drift["top1_agreement"],
                             "seconds": time.perf_counter() - t0,
                             "passes": [p.name for p in self.candidates[name].passes]}
@@ -109,11 +120,14 @@ class SelectBest(Pass):
         why = (f"highest output SQNR on {len(x)} held-back calibration images: {scores[best]['sqnr_db']:.1f} dB "
                f"(top-1 agreement {100 * scores[best]['top1_agreement']:.1f}%) against {others}")
         return PassResult(results[best].graph, True, {"kept": best, "why": why, "scores": scores,
-                                                      "held_back": len(x), "calibrated_on": len(calib)},
-                          nested=results[best].nested)
+                                                      "held_back": len(x), "calibrated_on": len(calib),
+                                                      "shared_calibration_seconds": shared_seconds},
+                          nested=results[best].nested, carried=[(TracedGraph(), executors[best])])
 
-    def _run_candidate(self, name: str, graph: Graph, ctx: Context, data) -> PassResult:
+    def _run_candidate(self, name: str, graph: Graph, ctx: Context, data, shared=None) -> PassResult:
         sub = Context(data=data, spec=ctx.stated_spec)
+        if shared is not None:
+            serve(sub, graph, shared)
         try:
             return self.candidates[name].run(graph, sub)
         except QfrewriteError as exc:

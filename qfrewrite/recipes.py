@@ -90,10 +90,11 @@ def dfq(spec: Optional[QuantSpec] = None, quantize: bool = True, absorb: bool = 
        weight quantization InsertFakeQuant applies (both read the recipe's spec);
     6. ``InsertFakeQuant``.
 
-    With ``compare=True`` (the default, and only when quantizing) steps 2-6 and plain's InsertFakeQuant run side by
-    side under :class:`~qfrewrite.passes.SelectBest`: both calibrated on the calibration images less a held-back
-    tenth, the one whose int8 outputs are closer to float on the held-back images is kept, and the report says which
-    and why.
+    With ``compare=True`` (the default, and only when quantizing) steps 3-6 and plain's InsertFakeQuant run side by
+    side under :class:`~qfrewrite.passes.SelectBest`, after step 2 (exact for every input, so both candidates quantize
+    the same float function): both calibrated on the calibration images less a held-back tenth, from one shared pass
+    over them, the one whose int8 outputs are closer to float on the held-back images is kept, and the report says
+    which and why.
 
     Why this order (which the passes' contracts encode): on V1 per-tensor (800 images, float 89.75) FoldDeadChannels
     + CorrectBias alone reached 88.5 and adding the equalization 89.5; the equalization before dead-channel folding
@@ -111,7 +112,8 @@ def dfq(spec: Optional[QuantSpec] = None, quantize: bool = True, absorb: bool = 
     rewriting = ordered(passes + [InsertFakeQuant(**knobs)], full)
     if not compare:
         return Recipe("dfq", ordered([FoldBatchNorm()] + rewriting, full), full)
-    return Recipe("dfq", [FoldBatchNorm(), SelectBest({"dfq": rewriting, "plain": [InsertFakeQuant(**knobs)]})], full)
+    return Recipe("dfq", [FoldBatchNorm(), rewriting[0],
+                          SelectBest({"dfq": rewriting[1:], "plain": [InsertFakeQuant(**knobs)]})], full)
 
 
 def qualcomm(spec: Optional[QuantSpec] = None, quantize: bool = True, **options: Any) -> Recipe:

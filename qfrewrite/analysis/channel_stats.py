@@ -340,7 +340,7 @@ def _activation_ranges(graph: Graph, ctx: Context, names: List[str], mode: str):
         ctx.require_data("activation statistics")
         return activation_stats(graph, ctx, names)
     if ctx.cached(ActivationStats(None).name, graph) or ctx.cached(ActivationStats(names).name, graph):
-        return activation_stats(graph, ctx, names)
+        return activation_stats(graph, ctx, names, histograms=False)
     return None
 
 

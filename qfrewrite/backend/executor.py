@@ -104,11 +104,16 @@ class ReducingExecutor:
         sig = [tf.TensorSpec([None, *v.shape[1:]], tf.float32, name=f"in{i}") for i, v in enumerate(graph.inputs)]
         specs = self.reductions
 
-        def reduce(t, r: Reduction):
-            # static shapes (all but the batch) keep the traced graph small: tracing costs more than it runs
+        def reduce(name: str, t, r: Reduction):
+            # static shapes (all but the batch) keep the traced graph small: tracing costs more than it runs; where
+            # TensorFlow's lowering lost them, the IR's shape of the value holds them
             dims = list(t.shape[1:])
             if any(d is None for d in dims):
-                raise DataError(f"values of open shape {t.shape} cannot be calibrated: fix the input shape")
+                dims = list(graph.value(name).shape[1:])
+            if any(d is None for d in dims):
+                raise DataError(f"value {name!r} has the open shape {tuple(graph.value(name).shape)} and cannot be "
+                                f"calibrated: give the model a fixed input shape (--input-shape)")
+            t = tf.ensure_shape(t, [None, *dims])
             c = int(dims[-1])
             positions = int(np.prod(dims[:-1])) if len(dims) > 1 else 1
             rows = tf.reshape(t, [-1, positions, c])
@@ -134,7 +139,7 @@ class ReducingExecutor:
             else:
                 tapped = {}
             values = {n: (xs[inputs[n]] if n in inputs else tapped[n]) for n in names}
-            return {n: reduce(values[n], specs[n]) for n in names}
+            return {n: reduce(n, values[n], specs[n]) for n in names}
 
         self._fn = tf.function(fn, input_signature=sig, jit_compile=False, autograph=False)
 

@@ -116,9 +116,11 @@ class TensorStats:
     channel_min: np.ndarray
     channel_max: np.ndarray
     zeros: int  # exact zeros among the histogrammed values
-    hist: np.ndarray  # counts, int64 (of the histogrammed values: every value, or an even stride of rows)
+    hist: Optional[np.ndarray]  # counts, int64 (of the histogrammed values: every value, or an even stride of rows);
+    # None where the observation kept no histogram (min/max only)
     hist_lo: float
     hist_hi: float
+    map_mean: Optional[np.ndarray] = None  # per-position mean over the images, (H, W, C), when asked
 
     @property
     def edges(self) -> np.ndarray:
@@ -146,6 +148,17 @@ class TensorObserver:
         self.hist_count = 0
         self.zeros = 0
         self.cmin = self.cmax = None
+        self.map_sum: Optional[np.ndarray] = None
+        self.images = 0
+
+    def update_map(self, batch_sum: np.ndarray, images: int) -> None:
+        """Add the sum over ``images`` images of each position (for the mean map)."""
+        s = np.asarray(batch_sum, np.float64)
+        if self.map_sum is None:
+            self.map_sum = s.copy()
+        else:
+            self.map_sum += s
+        self.images += int(images)
 
     def update(self, t: np.ndarray) -> None:
         """Observe one chunk given as an array (channels on the last axis)."""
@@ -185,7 +198,9 @@ class TensorObserver:
             raise ValueError(f"observer of {self.name} saw no data")
         return TensorStats(self.name, self.count, float(self.cmin.min()), float(self.cmax.max()),
                            self.cmin.astype(np.float64), self.cmax.astype(np.float64), self.zeros,
-                           self.hist.counts.copy(), float(self.hist.lo), float(self.hist.hi))
+                           self.hist.counts.copy() if self.hist_count else None, float(self.hist.lo),
+                           float(self.hist.hi),
+                           None if self.map_sum is None else self.map_sum / self.images)
 
 
 def activation_names(graph: Graph) -> List[str]:
@@ -211,8 +226,11 @@ def chunk_size(graph: Graph, names: Sequence[str], budget_bytes: int = DEFAULT_C
 def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequence[str]] = None,
             chunk: Optional[int] = None, bins: int = DEFAULT_BINS, progress: Optional[bool] = None,
             total: Optional[int] = None, hist_rows: Optional[int] = None,
-            hist_values: Optional[int] = DEFAULT_HIST_VALUES) -> Dict[str, TensorStats]:
-    """Run the float graph over ``batches`` (NHWC) once, ``chunk`` images at a time, and observe ``names``.
+            hist_values: Optional[int] = DEFAULT_HIST_VALUES, maps: Sequence[str] = (),
+            hist_names: Optional[Sequence[str]] = None) -> Dict[str, TensorStats]:
+    """Run the float graph over ``batches`` (NHWC) once, ``chunk`` images at a time, and observe ``names`` (and keep
+    the per-position mean over the images of those in ``maps``: :attr:`TensorStats.map_mean`). Only the values in
+    ``hist_names`` (default: all) get a histogram; the others' :attr:`TensorStats.hist` is ``None``.
 
     The per-channel reductions and the histogram's row sample are computed inside the traced function
     (:class:`~qfrewrite.backend.executor.ReducingExecutor`), so no whole activation leaves TensorFlow.
@@ -227,18 +245,24 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
 
     if len(graph.inputs) != 1:
         raise DataError(f"the observers run single-input graphs; {graph.name!r} has {len(graph.inputs)} inputs")
-    names = list(dict.fromkeys(names if names is not None else activation_names(graph)))
+    names = list(dict.fromkeys(list(names if names is not None else activation_names(graph)) + list(maps)))
+    maps = frozenset(maps)
     for n in names:
         graph.value(n)  # GraphError on an unknown name
     chunk = int(chunk) if chunk else chunk_size(graph, names)
 
+    histogrammed = None if hist_names is None else frozenset(hist_names)
+
     def rows(name: str) -> int:
+        if histogrammed is not None and name not in histogrammed:
+            return 0
         if hist_rows is not None:
             return int(hist_rows)
         c = graph.value(name).shape[-1]
         return -1 if hist_values is None or c is None else max(1, int(hist_values) // int(c))
 
-    ex = ReducingExecutor(graph, {n: Reduction(min=True, max=True, sample_rows=rows(n)) for n in names})
+    ex = ReducingExecutor(graph, {n: Reduction(min=True, max=True, sample_rows=rows(n), batch_sum=n in maps)
+                                  for n in names})
     observers = {n: TensorObserver(n, bins) for n in names}
     disable = None if progress is None else not progress
     with tqdm(total=total, desc="calibrating", unit="img", disable=disable, leave=False) as bar:
@@ -248,7 +272,9 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
                 if len(x) == 0:
                     continue
                 for n, r in ex(x).items():
-                    observers[n].update_reduced(r["min"], r["max"], r["count"], r["sample"])
+                    observers[n].update_reduced(r["min"], r["max"], r["count"], r.get("sample"))
+                    if "batch_sum" in r:
+                        observers[n].update_map(r["batch_sum"], len(x))
                 bar.update(len(x))
     return {n: o.result() for n, o in observers.items()}
 
@@ -268,10 +294,13 @@ class ActivationStats(Analysis):
 
 
 def activation_stats(graph: Graph, ctx: Context, names: Optional[Sequence[str]] = None,
-                     bins: int = DEFAULT_BINS) -> Dict[str, TensorStats]:
-    """Cached :class:`ActivationStats`; a cached analysis of every activation serves any subset of names."""
+                     bins: int = DEFAULT_BINS, histograms: bool = True) -> Dict[str, TensorStats]:
+    """Cached :class:`ActivationStats`; a cached analysis of every activation serves any subset of names that it
+    histogrammed (any subset, with ``histograms=False``: per-channel min/max only)."""
     every = ActivationStats(None, bins=bins)
     if ctx.cached(every.name, graph):
         stats = ctx.analysis(every, graph)
-        return stats if names is None else {n: stats[n] for n in names}
+        want = list(stats) if names is None else list(names)
+        if all(n in stats and (stats[n].hist is not None or not histograms) for n in want):
+            return {n: stats[n] for n in want}
     return ctx.analysis(ActivationStats(names, bins=bins), graph)
