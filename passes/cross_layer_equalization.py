@@ -214,9 +214,9 @@ class CrossLayerEqualization(Pass):
             stats["warning"] = (f"clip='relu': {len(converted)} ReLU6/Clip turned into ReLU; not exact wherever an "
                                 f"activation exceeded its clip")
             log.warning(stats["warning"])
-        if moved >= self.tol:
-            log.warning("CrossLayerEqualization stopped after %d sweeps (last move %.3g > tol %.3g)", sweeps, moved,
-                        self.tol)
+        if moved >= self.tol:  # in the report's stats ("converged", "last_move"): the scales are sound either way
+            log.info("CrossLayerEqualization stopped after %d sweeps (last move %.3g > tol %.3g)", sweeps, moved,
+                     self.tol)
         return PassResult(graph, True, stats, unpaired, carried=carried)
 
     @staticmethod

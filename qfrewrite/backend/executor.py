@@ -22,6 +22,17 @@ __all__ = ["Executor", "ReducingExecutor", "Reduction", "run_graph"]
 log = logging.getLogger(__name__)
 
 
+class _RetracingNotice(logging.Filter):
+    """TensorFlow's notice that several tf.functions were traced: every executor is a new traced function of a new
+    graph state by design (one per pass), so the notice tells the user nothing they can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+logging.getLogger("tensorflow").addFilter(_RetracingNotice())
+
+
 class Executor:
     """A compiled (traced) function of one graph state. Build it once, call it on many batches.
 

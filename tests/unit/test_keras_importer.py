@@ -152,6 +152,7 @@ def test_sequential_model(tmp_path):
 
 
 def test_input_shape_fills_open_dimensions():
+    keras.utils.set_random_seed(10)  # the comparison needs outputs above 1e-2
     x_in = keras.Input((None, None, 3))
     m = keras.Model(x_in, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3, padding="same")(x_in))))
     assert qfrewrite.load(m).inputs[0].shape == (None, None, None, 3)

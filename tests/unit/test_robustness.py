@@ -750,6 +750,9 @@ import os, signal, sys, time
 from qfrewrite.cli import main, reports_errors
 from qfrewrite.io_utils import OutputSet
 
+# a parent that ignores SIGINT (a test runner's worker) passes that on: Ctrl-C as in a terminal
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 @main.command("probe")
 @reports_errors
 def probe():

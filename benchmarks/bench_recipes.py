@@ -1,0 +1,245 @@
+"""dfq and plain against TensorFlow's own post-training quantization, in one run: accuracy, conversion time, latency.
+
+For each model and weight granularity, the three int8 TFLite models are made from the same imported float graph
+and the same calibration images (the even positions of the class-sorted ../shared image folder; evaluation images
+are the odd positions, disjoint):
+
+* ``tf_ptq``: TensorFlow's converter with a representative dataset (``benchmarks.bench_ptq.tf_ptq``) from the
+  FoldBatchNorm'd float function; per-tensor weights with ``_experimental_disable_per_channel``;
+* ``plain``: ``rewrite(graph, recipes.plain(weights=...), data).to_tflite()``;
+* ``dfq``: the same with ``recipes.dfq(weights=...)``.
+
+Measured, each as a ratio to ``tf_ptq`` in the same run:
+
+* **conversion time**: wall time from the imported graph and the decoded images to the ``.tflite`` bytes (image
+  decoding excluded for all), the three pipelines interleaved, ``--time-rounds`` rounds, the median per pipeline;
+* **latency**: LiteRT with XNNPACK, batch 1, at each of ``--threads``, the models of one model and granularity (and
+  TF PTQ's per-channel model) timed in interleaved rounds: each round the median of ``--invokes`` invocations of
+  each model in turn, ``--rounds`` rounds, the median of the rounds; the ratio to TF PTQ's per-channel model;
+* **op counts** of each file beside TF PTQ's;
+* **top-1** of each file in LiteRT on the evaluation images.
+
+    python benchmarks/bench_recipes.py                      # the four ../shared models, 500 + 500 images
+    python benchmarks/bench_recipes.py --models torchvision_v2 --calib 200 --eval 200 --skip latency
+
+Prints Markdown tables and writes ``--json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import MODELS, SHARED, split_images  # noqa: E402
+
+log = logging.getLogger("bench_recipes")
+
+METHODS = ("tf_ptq", "plain", "dfq")
+
+
+def convert_once(method: str, graph, calib_set, calib_array, granularity: str) -> bytes:
+    """One pipeline from the imported graph to TFLite bytes."""
+    import qfrewrite
+    from qfrewrite import recipes
+    from qfrewrite.passes import FoldBatchNorm
+
+    from benchmarks.bench_ptq import tf_ptq
+
+    if method == "tf_ptq":
+        folded = qfrewrite.rewrite(graph, [FoldBatchNorm()], stats=False, verify=False).graph
+        return tf_ptq(folded, calib_array, granularity == "per_channel")
+    recipe = getattr(recipes, method)(weights=granularity)
+    return qfrewrite.rewrite(graph, recipe, data=calib_set).to_tflite()
+
+
+def top1(flatbuffer: bytes, evals, offset: int) -> float:
+    from benchmarks.bench_passes import top1_tflite
+
+    return top1_tflite(flatbuffer, evals, offset)
+
+
+def _interpreter(flatbuffer: bytes, threads: int):
+    from ai_edge_litert.interpreter import Interpreter
+
+    it = Interpreter(model_content=flatbuffer, num_threads=threads)
+    it.allocate_tensors()
+    inp = it.get_input_details()[0]
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, size=inp["shape"]).astype(inp["dtype"]) if inp["dtype"] == np.float32 else \
+        rng.integers(-128, 127, size=inp["shape"]).astype(inp["dtype"])
+    it.set_tensor(inp["index"], x)
+    for _ in range(5):
+        it.invoke()
+    return it
+
+
+def interleaved_latency(models: Dict[str, bytes], threads: int, rounds: int, invokes: int) -> Dict[str, float]:
+    """Median over ``rounds`` of each model's median invoke time (seconds), the models timed in turn each round."""
+    its = {k: _interpreter(fb, threads) for k, fb in models.items()}
+    per_round: Dict[str, List[float]] = {k: [] for k in its}
+    for _ in range(rounds):
+        for k, it in its.items():
+            times = []
+            for _ in range(invokes):
+                t0 = time.perf_counter()
+                it.invoke()
+                times.append(time.perf_counter() - t0)
+            per_round[k].append(statistics.median(times))
+    return {k: statistics.median(v) for k, v in per_round.items()}
+
+
+def op_counts(flatbuffer: bytes) -> Dict[str, int]:
+    from qfrewrite.tflite_inspect import inspect_tflite
+
+    return inspect_tflite(flatbuffer).op_counts()
+
+
+def run(models, granularities, n_calib: int, n_eval: int, threads, rounds: int, invokes: int, time_rounds: int,
+        skip, save=None, warmup: bool = True) -> List[Dict]:
+    import qfrewrite
+    from qfrewrite.images import ImageFolder
+
+    rows: List[Dict] = []
+    for name in models:
+        spec = MODELS[name]
+        graph = qfrewrite.load(SHARED / spec["file"], **spec.get("load", {}))
+        offset = 1 if graph.outputs[0].shape[-1] == 1001 else 0
+        images = ImageFolder(SHARED / "images" / "imagenet_sample", preprocess=spec["preprocess"],
+                             progress=False).read(graph)
+        calib, evals = split_images(images, n_calib, n_eval)
+        calib_array = np.concatenate(list(calib.batches()))
+        files: Dict[tuple, bytes] = {}
+        seconds: Dict[tuple, List[float]] = {}
+        if warmup:  # the first conversions of a process pay for TensorFlow's and LiteRT's start-up: not timed
+            few = calib.subset(slice(0, 32))
+            for method in METHODS:
+                convert_once(method, graph, few, calib_array[:32], granularities[0])
+            warmup = False
+        for r in range(time_rounds):
+            for gran in granularities:
+                for method in METHODS:
+                    t0 = time.perf_counter()
+                    fb = convert_once(method, graph, calib, calib_array, gran)
+                    seconds.setdefault((method, gran), []).append(time.perf_counter() - t0)
+                    files[(method, gran)] = fb
+                    if save is not None:
+                        from qfrewrite.io_utils import atomic_write_bytes
+
+                        save.mkdir(parents=True, exist_ok=True)
+                        atomic_write_bytes(save / f"{name}.{gran}.{method}.tflite", fb)
+                    log.info("%s %s %s: %.1f s", name, gran, method, seconds[(method, gran)][-1])
+        for gran in granularities:
+            base = statistics.median(seconds[("tf_ptq", gran)])
+            for method in METHODS:
+                fb = files[(method, gran)]
+                sec = statistics.median(seconds[(method, gran)])
+                row = {"model": name, "granularity": gran, "method": method, "seconds": sec,
+                       "time_ratio": sec / base, "ops": op_counts(fb), "size": len(fb),
+                       "calib": len(calib), "eval": len(evals)}
+                if "accuracy" not in skip:
+                    row["top1"] = top1(fb, evals, offset)
+                rows.append(row)
+                print(f"{name} {gran} {method}: {sec:.1f} s ({sec / base:.2f}x TF PTQ)"
+                      + (f", top-1 {row['top1']:.1f}" if "top1" in row else ""), flush=True)
+        if "latency" not in skip:
+            for gran in granularities:
+                group = {m: files[(m, gran)] for m in METHODS}
+                group["tf_ptq_pc"] = files.get(("tf_ptq", "per_channel"), group["tf_ptq"])
+                for t in threads:
+                    lat = interleaved_latency(group, t, rounds, invokes)
+                    for method in METHODS:
+                        row = next(r for r in rows if r["model"] == name and r["granularity"] == gran
+                                   and r["method"] == method)
+                        row.setdefault("latency_ms", {})[t] = lat[method] * 1e3
+                        row.setdefault("latency_ratio", {})[t] = lat[method] / lat["tf_ptq_pc"]
+                    print(f"{name} {gran} {t} thread(s): " + ", ".join(
+                        f"{m} {lat[m] * 1e3:.2f} ms ({lat[m] / lat['tf_ptq_pc']:.3f}x)" for m in METHODS),
+                        flush=True)
+    return rows
+
+
+def latency_only(folder: Path, models, granularities, threads, rounds: int, invokes: int) -> int:
+    """The latency A/B alone, on the files a ``--save`` run kept."""
+    out = ["| model | weights | threads | " + " | ".join(f"{m} / TF PTQ PC" for m in METHODS) + " |",
+           "|---|---|---|" + "---|" * len(METHODS)]
+    for name in models:
+        for gran in granularities:
+            group = {m: (folder / f"{name}.{gran}.{m}.tflite").read_bytes() for m in METHODS}
+            pc = folder / f"{name}.per_channel.tf_ptq.tflite"
+            group["tf_ptq_pc"] = pc.read_bytes() if pc.exists() else group["tf_ptq"]
+            for t in threads:
+                lat = interleaved_latency(group, t, rounds, invokes)
+                print(f"{name} {gran} {t} thread(s): " + ", ".join(
+                    f"{m} {lat[m] * 1e3:.2f} ms ({lat[m] / lat['tf_ptq_pc']:.3f}x)" for m in METHODS), flush=True)
+                out.append(f"| {name} | {gran} | {t} | " + " | ".join(f"{lat[m] / lat['tf_ptq_pc']:.3f}"
+                                                                      for m in METHODS) + " |")
+    print("\n".join(out))
+    return 0
+
+
+def _ops_text(ops: Dict[str, int], ref: Dict[str, int]) -> str:
+    differ = {k: ops.get(k, 0) for k in sorted(set(ops) | set(ref)) if ops.get(k, 0) != ref.get(k, 0)}
+    return "same as TF PTQ" if not differ else ", ".join(f"{k} {v} (TF PTQ {ref.get(k, 0)})"
+                                                         for k, v in differ.items())
+
+
+def tables(rows: List[Dict], threads) -> str:
+    out = ["| model | weights | method | top-1 % | conversion s | time / TF PTQ | "
+           + " | ".join(f"latency {t}T / TF PTQ PC" for t in threads) + " | ops beside TF PTQ's |",
+           "|---|---|---|---|---|---|" + "---|" * len(threads) + "---|"]
+    for r in rows:
+        ref = next(x for x in rows if x["model"] == r["model"] and x["granularity"] == r["granularity"]
+                   and x["method"] == "tf_ptq")
+        lat = " | ".join(f"{r['latency_ratio'][t]:.3f}" if "latency_ratio" in r else "" for t in threads)
+        top = f"{r['top1']:.1f}" if "top1" in r else ""
+        out.append(f"| {r['model']} | {r['granularity']} | {r['method']} | {top} | {r['seconds']:.1f} | "
+                   f"{r['time_ratio']:.2f} | {lat} | {_ops_text(r['ops'], ref['ops'])} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--granularity", nargs="+", default=["per_channel", "per_tensor"],
+                    choices=["per_channel", "per_tensor"])
+    ap.add_argument("--calib", type=int, default=500, help="calibration images (even positions)")
+    ap.add_argument("--eval", type=int, default=500, help="evaluation images (odd positions)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds")
+    ap.add_argument("--invokes", type=int, default=50, help="invocations per model and round")
+    ap.add_argument("--time-rounds", type=int, default=1, help="interleaved conversion-time rounds")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "latency"])
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--save", type=Path, default=None, help="folder to keep the .tflite files in")
+    ap.add_argument("--latency-only", type=Path, default=None, metavar="DIR",
+                    help="time the files a --save run kept in DIR (no conversion)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if not (SHARED / "images" / "imagenet_sample").exists():
+        print(f"the benchmark needs {SHARED} (models and images); set QFREWRITE_SHARED", file=sys.stderr)
+        return 2
+    if args.latency_only:
+        return latency_only(args.latency_only, args.models, args.granularity, args.threads, args.rounds,
+                            args.invokes)
+    rows = run(args.models, args.granularity, args.calib, args.eval, args.threads, args.rounds, args.invokes,
+               args.time_rounds, args.skip, args.save)
+    print(tables(rows, [] if "latency" in args.skip else args.threads))
+    if args.json:
+        from qfrewrite.io_utils import atomic_write_bytes
+
+        atomic_write_bytes(args.json, json.dumps(rows, indent=2).encode())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
