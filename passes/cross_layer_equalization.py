@@ -222,13 +222,13 @@ class CrossLayerEqualization(Pass):
     @staticmethod
     def _moments(graph: Graph, ctx: Context, pairs: List[_Pair], clip: str):
         """One pass over the calibration data (``None`` without data): per-channel min/max of the values between
-        the layers and before each clip, and the mean map of every layer's input. The maps are for CorrectBias:
+        the layers (a clip's output maximum equals its bound where it binds), and the mean map of every layer's
+        input. The maps are for CorrectBias:
         the fused clip keeps the function on the calibration data, so the maps after equalization are these divided
         by the scales (:meth:`_carried`) and need no second pass."""
         if ctx.data is None:
             return None
-        names = {v for p in pairs for v in _between(p)}
-        names |= {n.inputs[0].name for p in pairs for n in p.chain if n.op is Op.CLIP}
+        names = {v for p in pairs for v in _between(p)}  # a clip's output tells whether it binds (max == hi)
         maps = {n.inputs[0].name for n in graph.find(*WEIGHTED_OPS)} if clip == "fused" else set()
         return ChannelMoments(names, maps=maps, stats=("min", "max")), channel_moments(
             graph, ctx, names, maps=maps, stats=("min", "max"))
@@ -278,14 +278,16 @@ class CrossLayerEqualization(Pass):
         clips = [(p, n) for p in pairs for n in p.chain if n.op is Op.CLIP and n.attrs.hi is not None]
         if not clips:
             return 0
+        # with data: the clip's output maximum, min(m_i, hi), which equals hi exactly where the clip binds
         if moments is not None:
-            top = {n.inputs[0].name: np.asarray(moments[1][n.inputs[0].name].max, np.float64) for _, n in clips}
+            top = {n.name: np.asarray(moments[1][n.output.name].max, np.float64) for _, n in clips}
         else:
-            top = {name: b[1] for name, b in value_bounds(graph).items()}
+            bounds = value_bounds(graph)
+            top = {n.name: bounds[n.inputs[0].name][1] for _, n in clips if n.inputs[0].name in bounds}
         held = 0
         for p, n in clips:
             c = p.frozen.shape[0]
-            m = top.get(n.inputs[0].name, np.full(c, np.inf))
+            m = top.get(n.name, np.full(c, np.inf))
             m = np.broadcast_to(np.asarray(m, np.float64), (c,))
             binds = ~(m < n.attrs.hi)  # inf / nan (no bound known) bind too
             held += int(np.sum(binds & ~p.frozen))

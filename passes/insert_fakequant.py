@@ -53,7 +53,7 @@ import numpy as np
 
 from qfrewrite.contracts import Contract, Property
 from qfrewrite.errors import QfrewriteError
-from qfrewrite.ir import (WEIGHTED_OPS, ClipAttrs, ConvAttrs, FakeQuantAttrs, Graph, Node, Op, ReshapeAttrs, bn_affine, const_operand, is_graph_output, sole_reader)
+from qfrewrite.ir import (WEIGHTED_OPS, ClipAttrs, ConvAttrs, FakeQuantAttrs, Graph, Op, ReshapeAttrs, bn_affine, const_operand, is_graph_output, sole_reader)
 from qfrewrite.numerics.ranges import ACTIVATION_METHODS
 from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
 from qfrewrite.quant.observers import ActivationStats, activation_stats

@@ -8,7 +8,7 @@ The data-driven passes ask for two analyses of the float graph on the calibratio
   inputs (CrossLayerEqualization's bounds, CorrectBias's expected inputs).
 
 Each would run the data through the graph once. :func:`calibration_statistics` runs it once for both: the per-channel
-min/max of every activation, the histograms of the quantization points
+min/max of every activation the int8 model holds (:func:`observed_names`), the histograms of the quantization points
 (:func:`~qfrewrite.quant.points.quantization_points`, what InsertFakeQuant calibrates), and the mean map of every
 weighted layer's input (a per-position sum over the images, kept in float64). :func:`serve` caches the result in a :class:`~qfrewrite.pass_infra.Context` as both analyses, for the graph
 it was computed on or for a copy of it (a pipeline that runs candidate pass lists on copies of one graph, such as
@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from ..ir import WEIGHTED_OPS, Graph
+from ..ir import WEIGHTED_OPS, Graph, sole_reader
 from ..pass_infra import Context
 from ..quant.observers import ActivationStats, TensorStats, activation_names, observe
-from ..quant.points import quantization_points
+from ..quant.points import FUSING_OPS, fusable_activation, quantization_points
 from .moments import ChannelMoments, Moments
 
-__all__ = ["calibration_statistics", "serve", "map_names"]
+__all__ = ["calibration_statistics", "serve", "map_names", "observed_names"]
 
 
 def map_names(graph: Graph) -> List[str]:
@@ -34,10 +34,21 @@ def map_names(graph: Graph) -> List[str]:
     return list(dict.fromkeys(n.inputs[0].name for n in graph.find(*WEIGHTED_OPS)))
 
 
+def observed_names(graph: Graph) -> List[str]:
+    """Every activation but the values that only a fused activation reads (a layer's output before its ReLU/ReLU6:
+    the int8 model never holds them, and a clip's output tells whether it binds), in topological order."""
+    hidden = set()
+    for node in graph.find(*FUSING_OPS):
+        reader = sole_reader(node.output)
+        if reader is not None and fusable_activation(reader):
+            hidden.add(node.output.name)
+    return [n for n in activation_names(graph) if n not in hidden]
+
+
 def calibration_statistics(graph: Graph, data) -> Dict[str, TensorStats]:
-    """Observe every activation of ``graph`` on ``data`` (a calibration set) in one pass: histograms of the
+    """Observe the :func:`observed_names` of ``graph`` on ``data`` (a calibration set) in one pass: histograms of the
     quantization points only, and the mean maps of :func:`map_names`."""
-    return observe(graph, data.batches(), activation_names(graph), total=len(data), maps=map_names(graph),
+    return observe(graph, data.batches(), observed_names(graph), total=len(data), maps=map_names(graph),
                    hist_names=quantization_points(graph))
 
 
