@@ -54,11 +54,14 @@ _ACTIVATION_NAMES = {4: "TANH", 5: "SIGN_BIT"}
 def layer_name(tensor_name: str) -> str:
     """A readable layer name from a TFLite tensor name.
 
-    The converter joins the names of the ops it fuses with ``;``, the last op first:
-    ``"model/conv1_relu/Relu6;model/conv1/BiasAdd;model/conv1/Conv2D"``. The last part names the op the chain
-    started from (the layer); its final ``/OpType`` component is dropped: ``"model/conv1"``.
+    The converter joins the names of the ops it fuses with ``;``, the last op first, and may append the constants it
+    folded in: ``"model/conv1_relu/Relu6;model/conv1_bn/add;model/conv1/Conv2D;model/conv1_bn/Const_1"``. The last
+    part that is no constant names the op the chain started from (the layer); its final ``/OpType`` component is
+    dropped: ``"model/conv1"``.
     """
-    last = tensor_name.split(";")[-1]
+    parts = [p for p in tensor_name.split(";") if p]
+    ops = [p for p in parts if not p.rsplit("/", 1)[-1].startswith("Const")] or parts or [tensor_name]
+    last = ops[-1]
     return last.rsplit("/", 1)[0] if "/" in last else last
 
 
