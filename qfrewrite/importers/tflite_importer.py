@@ -12,7 +12,8 @@ it as on any other source.
    traversed) are converted in file order (TFLite stores operators topologically) by :mod:`.tflite_ops`; an
    operator the IR lacks raises :class:`UnsupportedOpError` naming the op, its output tensor and the file.
 3. the output shape of every converted operator is checked against the shape the file stores (batch aside);
-   chained clamps are merged (:func:`~.tflite_ops.merge_clips`) and the graph is verified.
+   chained clamps are merged (:func:`~.tflite_ops.merge_clips`), zero pads folded into the convolutions that read
+   them (:func:`~.tflite_ops.fold_pads`) and the graph is verified.
 
 The batch dim is opened (``None``; files store 1); ``input_shape`` (NHWC) fills dims the file leaves open (-1 in its
 shape signature) and may not contradict a fixed one. ``graph.meta``: ``source``, ``format`` = ``"tflite"``,
@@ -29,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Set, Union
 
 from ..errors import ModelLoadError, QuantizedModelError, VerificationError, one_line
 from ..ir import Graph, verify
-from .tflite_ops import CONVERTERS, PARAM_INPUTS, SUPPORTED_TFLITE_OPS, Builder, merge_clips
+from .tflite_ops import CONVERTERS, PARAM_INPUTS, SUPPORTED_TFLITE_OPS, Builder, fold_pads, merge_clips
 from .tflite_reader import TFLiteFile, read_tflite
 
 __all__ = ["load_tflite", "tflite_to_graph", "refuse_quantized", "SUPPORTED_TFLITE_OPS"]
@@ -170,7 +171,7 @@ def tflite_to_graph(f: TFLiteFile, inputs: Names = None, outputs: Names = None, 
         raise ModelLoadError(f"{source}: outputs {missing} are not computed from the input")
     graph.outputs = [b.env[t] for t in outs]
     graph.remove_unused()
-    merged = merge_clips(graph)
+    merged, pads = merge_clips(graph), fold_pads(graph)
     try:
         verify(graph)
     except VerificationError as exc:
@@ -179,8 +180,8 @@ def tflite_to_graph(f: TFLiteFile, inputs: Names = None, outputs: Names = None, 
     graph.meta.update(source=source, format="tflite", input_layout="NHWC", input_names=[f.name(t) for t in ins],
                       output_names=[f.name(t) for t in outs], source_batch=b.file_batch(ins[0]) if ins else None,
                       weights_dtype="float16" if fp16 else "float32", batchnorm_folded_in_source=True)
-    log.info("imported %s: %d of %d operators used, %d IR nodes %s, %d float16 weights, %d clamps merged", source,
-             len(needed), len(f.operators), len(graph), graph.op_counts(), fp16, merged)
+    log.info("imported %s: %d of %d operators used, %d IR nodes %s, %d float16 weights, %d clamps merged, %d pads "
+             "folded", source, len(needed), len(f.operators), len(graph), graph.op_counts(), fp16, merged, pads)
     return graph
 
 

@@ -22,6 +22,9 @@ Cases handled and their maths:
   ``MINIMUM`` with a per-channel constant or a tensor -> Minimum; ``MAXIMUM`` with anything but a scalar is refused;
 * ``AVERAGE_POOL_2D``/``MAX_POOL_2D`` (SAME averages over the valid pixels, as TensorFlow does), ``MEAN`` over
   axes ``[1, 2]`` -> GlobalMean, ``PAD``/``PADV2`` of H and W, ``CONCATENATION`` (not on the batch axis);
+* a zero ``PAD`` read only by a convolution with VALID padding becomes the convolution's explicit padding
+  (:func:`fold_pads`): the converter splits every convolution padding that is not SAME into the two, and the source
+  model held one layer (exact);
 * ``RESHAPE``/``SQUEEZE`` -> an IR Reshape to the output tensor's stored shape, which must keep the batch dim first;
 * ``SOFTMAX`` (``beta`` other than 1 becomes a Mul first), ``LOGISTIC`` -> Sigmoid, ``HARD_SWISH``, ``RELU``,
   ``RELU6``, ``RELU_N1_TO_1``.
@@ -38,10 +41,10 @@ import numpy as np
 
 from ..errors import ModelLoadError, UnsupportedOpError
 from ..ir import (ClipAttrs, ConcatAttrs, ConvAttrs, GlobalMeanAttrs, Graph, Op, PadAttrs, PoolAttrs, ReshapeAttrs,
-                  SoftmaxAttrs, Value, sole_reader)
+                  SoftmaxAttrs, Value, resolve_pads, sole_reader)
 from .tflite_reader import TFLiteFile
 
-__all__ = ["Builder", "CONVERTERS", "PARAM_INPUTS", "SUPPORTED_TFLITE_OPS", "merge_clips", "layer_name"]
+__all__ = ["Builder", "CONVERTERS", "PARAM_INPUTS", "SUPPORTED_TFLITE_OPS", "merge_clips", "fold_pads", "layer_name"]
 
 log = logging.getLogger(__name__)
 
@@ -376,3 +379,23 @@ def merge_clips(graph: Graph) -> int:
         graph.remove_node(first)
         merged += 1
     return merged
+
+
+def fold_pads(graph: Graph) -> int:
+    """A zero ``Pad`` whose only reader is a Conv2D/DepthwiseConv2D (as its data input) with ``"VALID"`` or explicit
+    padding becomes that layer's explicit padding ``((t + t', b + b'), (l + l', r + r'))`` (exact: the layer pads
+    with zeros too). Returns the number of pads folded."""
+    folded = 0
+    for pad in graph.find(Op.PAD):
+        layer = sole_reader(pad.output)
+        if (pad.attrs.value != 0.0 or layer is None or layer.op not in (Op.CONV2D, Op.DEPTHWISE_CONV2D)
+                or layer.inputs[0] is not pad.output or layer.attrs.padding == "SAME"):
+            continue
+        own = resolve_pads(layer.attrs.padding, pad.output.shape[1:3], layer.weight.const.shape[:2],
+                           layer.attrs.strides, layer.attrs.dilations)
+        pads = tuple((a + c, b + d) for (a, b), (c, d) in zip(pad.attrs.pads, own))
+        layer.attrs = ConvAttrs(strides=layer.attrs.strides, padding=pads, dilations=layer.attrs.dilations)
+        layer.set_input(0, pad.inputs[0])
+        graph.remove_node(pad)
+        folded += 1
+    return folded

@@ -74,6 +74,12 @@ CASES = {
                   {"PAD", "AVERAGE_POOL_2D", "MAX_POOL_2D"}, {Op.PAD, Op.AVG_POOL, Op.MAX_POOL}),
     "add_mul_sub": (lambda x: (x * VEC + 0.5) - tf.nn.relu(x) * 2.0 - (1.0 - x),
                     {"ADD", "SUB"}, {Op.ADD, Op.MUL}),
+    "pad_conv_folded": (lambda x: tf.nn.conv2d(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]), K33, 2, "VALID"),
+                        {"PAD", "CONV_2D"}, {Op.CONV2D}),
+    "pad_kept": (lambda x: tf.nn.depthwise_conv2d(tf.pad(x, [[0, 0], [1, 1], [0, 2], [0, 0]], constant_values=1.0),
+                                                  DW, [1, 2, 2, 1], "VALID")
+                 + tf.concat([tf.reduce_mean(tf.pad(x, [[0, 0], [1, 1], [1, 1], [0, 0]]), [1, 2], keepdims=True)] * 2,
+                             axis=-1), {"PADV2", "PAD"}, {Op.PAD, Op.DEPTHWISE_CONV2D}),
     "hard_swish_sigmoid": (lambda x: x * tf.nn.relu6(x + 3.0) / 6.0 + tf.sigmoid(x),
                            {"HARD_SWISH", "LOGISTIC"}, {Op.HARD_SWISH, Op.SIGMOID}),
     "min_max": (lambda x: tf.minimum(tf.maximum(x, 0.0), 6.0) + tf.minimum(x, VEC) + tf.maximum(x, -1.0),
@@ -101,6 +107,13 @@ def test_each_op_reads_back_as_the_file_computes(tmp_path, case):
     # and re-emitted by the TFLite emitter, the same numbers again
     _close(want, _run_file(qfrewrite.rewrite(graph).to_tflite(), np.random.default_rng(1).normal(
         size=(3, HW, HW, C)).astype(np.float32)))
+
+
+def test_a_zero_pad_before_a_valid_conv_becomes_its_padding(tmp_path):
+    graph, want, got = _roundtrip(tmp_path, _tflite(CASES["pad_conv_folded"][0]), "padconv")
+    assert not graph.find(Op.PAD) and graph.find(Op.CONV2D)[0].attrs.padding == ((1, 1), (1, 1))
+    graph, want, got = _roundtrip(tmp_path, _tflite(CASES["pad_kept"][0]), "padkept")
+    assert len(graph.find(Op.PAD)) == 2  # a non-zero pad, and a pad read by a mean: left alone
 
 
 def test_fused_relu6_and_min_max_merge_into_one_clip(tmp_path):
