@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from .analysis.channel_math import MIN_OUTLIER_RATIO
 from .analysis.channel_stats import ChannelStats, GraphChannelStats, LayerStats
+from .analysis.tflite_int8 import Int8Diagnosis, diagnose_int8_tflite, is_quantized_tflite
 from .calibration import as_calibration_set
 from .importers import load
 from .io_utils import one_output
@@ -284,7 +285,7 @@ class Diagnosis:
 
 def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=None, limit: Optional[int] = None,
              batch_size: int = 32, bits: Optional[int] = None, inputs=None, outputs=None,
-             input_shape=None) -> "Diagnosis | Int8Diagnosis":
+             input_shape=None) -> Union[Diagnosis, Int8Diagnosis]:
     """Diagnose ``model`` (anything :func:`qfrewrite.load` reads, or a :class:`Graph`, which is copied).
 
     ``data`` (an image folder, an array or batches; ``preprocess`` and ``limit`` as in :func:`qfrewrite.rewrite`) adds
@@ -292,8 +293,6 @@ def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=N
     weight bits; default 8); ``bits`` overrides the weight bit width (2..16, beyond what the int8 targets run).
     A quantized ``.tflite`` gives an :class:`~qfrewrite.analysis.tflite_int8.Int8Diagnosis` (``data`` unused).
     """
-    from .analysis.tflite_int8 import diagnose_int8_tflite, is_quantized_tflite
-
     if is_quantized_tflite(model):
         if data is not None:
             log.warning("%s is quantized: its report reads the stored scales and codes; --data is not used", model)

@@ -109,7 +109,8 @@ class Int8Layer:
              "weight_scale": {"min": float(self.scales.min()), "median": float(np.median(self.scales)),
                               "max": float(self.scales.max())},
              "input": self.input_quant, "output": self.output_quant,
-             "median_levels": self.median_levels, "median_reach": self.median_reach, "full_reach": self.full_span, "min_levels": int(self.levels.min()),
+             "median_levels": self.median_levels, "min_levels": int(self.levels.min()),
+             "median_reach": self.median_reach, "full_reach": self.full_span,
              "few_level_channels": self.few_level_channels, "spread": self.spread,
              "range_dominated_by": list(self.outlier_channels) if self.dominated else []}
         if per_channel:
@@ -279,14 +280,16 @@ class Int8Diagnosis:
         t = Table(title=f"layers ranked by the codes their median channel reaches (fewest first, top {top})",
                   title_justify="left", box=box.SIMPLE_HEAD)
         cols = [("#", "right"), ("layer", "left"), ("op", "left"), ("ch", "right"), ("w", "left"),
-                ("w scale", "right"), ("reach", "right"), ("levels", "right"), ("min", "right"), (f"<={FEW_LEVELS}", "right"),
+                ("w scale", "right"), ("reach", "right"), ("levels", "right"), ("min", "right"),
+                (f"<={FEW_LEVELS}", "right"),
                 ("spread", "right"), ("in scale", "right"), ("out scale", "right")]
         for name, just in cols:
             t.add_column(name, justify=just, no_wrap=name != "layer", overflow="fold")
         for rank, ls in enumerate(self.ranked()[:top], 1):
             scale = (f"{ls.scales.min():.3g}..{ls.scales.max():.3g}" if ls.per_channel else f"{ls.scales[0]:.3g}")
             t.add_row(str(rank), ls.name, _WEIGHTED[ls.op], str(ls.channels), "PC" if ls.per_channel else "PT",
-                      scale, f"{ls.median_reach:.0f}/{ls.full_span}", f"{ls.median_levels:.0f}", str(int(ls.levels.min())), str(len(ls.few_level_channels)),
+                      scale, f"{ls.median_reach:.0f}/{ls.full_span}", f"{ls.median_levels:.0f}",
+                      str(int(ls.levels.min())), str(len(ls.few_level_channels)),
                       "-" if ls.per_channel else f"{ls.spread:.3g}",
                       f"{ls.input_quant['scale']:.3g}" if ls.input_quant else "-",
                       f"{ls.output_quant['scale']:.3g}" if ls.output_quant else "-")

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Set, Union
+from typing import List, Optional, Sequence, Set, Union
 
 from ..errors import ModelLoadError, QuantizedModelError, VerificationError, one_line
 from ..ir import Graph, verify

@@ -79,7 +79,7 @@ class TFLiteFile:
         self.operators = list(self.subgraph.operators or [])
         self._op_names = _enum_names(s.BuiltinOperator)
         self._type_names = _enum_names(s.TensorType)
-        self._producer = {t: i for i, op in enumerate(self.operators) for t in (op.outputs if op.outputs is not None else [])}
+        self._producer = {t: i for i, op in enumerate(self.operators) for t in self.op_outputs(op)}
         self._consts: Dict[int, Optional[np.ndarray]] = {}
 
     # -- operators ------------------------------------------------------------------------------------------------
@@ -174,8 +174,8 @@ class TFLiteFile:
 
     def float16_weights(self) -> int:
         """How many float16 constants are dequantized to float32 (a float16-weight file when positive)."""
-        return sum(1 for op in self.operators if self.op_name(op) == "DEQUANTIZE"
-                   and self.type_name(self.op_inputs(op)[0]) == "FLOAT16" and self.raw(self.op_inputs(op)[0]) is not None)
+        sources = [self.op_inputs(op)[0] for op in self.operators if self.op_name(op) == "DEQUANTIZE"]
+        return sum(1 for t in sources if self.type_name(t) == "FLOAT16" and self.raw(t) is not None)
 
     def quantized_tensors(self) -> List[int]:
         """Integer tensors carrying scales (int8/uint8/int16 weights or activations) that an operator reads or

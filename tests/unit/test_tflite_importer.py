@@ -10,7 +10,7 @@ import qfrewrite
 from qfrewrite.backend.executor import Executor
 from qfrewrite.errors import ModelLoadError, QuantizedModelError, UnsupportedOpError
 from qfrewrite.importers.tflite_ops import layer_name
-from qfrewrite.ir import ClipAttrs, ConvAttrs, Graph, Op
+from qfrewrite.ir import ClipAttrs, Graph, Op
 from qfrewrite.tflite_inspect import interpreter, inspect_tflite
 
 tf = pytest.importorskip("tensorflow")
