@@ -10,11 +10,15 @@ For every ../shared model:
    once from the original model and once from the ``.tflite``, on the same preprocessed calibration images (even
    positions of the sorted folder), and both int8 files are scored in LiteRT on the evaluation images (odd
    positions);
-4. ``--diagnose``: the wall time of ``diagnose`` on the int8 file made from the ``.tflite`` (the stored-scales
+4. ``--control``: instead of 1-3, the noise floor of that comparison: ``convert`` from the original, and from the
+   original with every weight moved by one float32 ulp in a random direction (the size of the differences between
+   BatchNorm folded by ``FoldBatchNorm`` and by the converter), scored the same way;
+5. ``--diagnose``: the wall time of ``diagnose`` on the int8 file made from the ``.tflite`` (the stored-scales
    report), against ``diagnose`` of the float ``.tflite`` in the same run.
 
     python benchmarks/bench_tflite_source.py --calib 200 --eval 200
     python benchmarks/bench_tflite_source.py --models torchvision_v2 --diagnose
+    python benchmarks/bench_tflite_source.py --control --calib 200 --eval 500
 
 Prints markdown tables; ``--json`` writes the rows.
 """
@@ -93,6 +97,54 @@ def run(models: List[str], n_calib: int, n_eval: int, out_dir: Path, with_diagno
     return rows
 
 
+def _one_ulp(graph, seed: int = 0):
+    """A copy of ``graph`` with every constant moved by one float32 ulp, up or down at random (zeros stay zero: an
+    all-zero channel is a fact the passes act on, not a rounding)."""
+    g = graph.copy()
+    rng = np.random.default_rng(seed)
+    for v in g.values():
+        if v.is_const and v.const.dtype == np.float32 and v.const.size > 1:
+            up = rng.random(v.const.shape) < 0.5
+            moved = np.where(up, np.nextafter(v.const, np.float32(np.inf)),
+                             np.nextafter(v.const, np.float32(-np.inf)))
+            v.set_const(np.where(v.const == 0, v.const, moved))
+    return g
+
+
+def control(models: List[str], n_calib: int, n_eval: int, out_dir: Path) -> List[Dict]:
+    import qfrewrite
+    from qfrewrite.convert import convert
+    from qfrewrite.evaluate import evaluate, predict
+    from qfrewrite.images import ImageFolder
+
+    rows = []
+    for name in models:
+        spec = MODELS[name]
+        original = qfrewrite.load(SHARED / spec["file"], **spec.get("load", {}))
+        images = ImageFolder(SHARED / "images" / "imagenet_sample", preprocess=spec["preprocess"],
+                             limit=2 * max(n_calib, n_eval), progress=False).read(original)
+        calib, evals = split_images(images, n_calib, n_eval)
+        y_orig = predict(original, np.concatenate(list(evals.batches())))
+        row = {"model": name, "calib": len(calib), "eval": len(evals)}
+        for tag, graph in (("original", original), ("one_ulp", _one_ulp(original))):
+            out = out_dir / f"{name}_int8_{tag}.tflite"
+            convert(graph, out, calib, holdout=0, progress=False)
+            row[f"top1_int8_{tag}"] = evaluate(str(out), evals, reference=y_orig).top1
+        rows.append(row)
+        log.info("%s: %s", name, row)
+    return rows
+
+
+def control_table(rows: List[Dict]) -> str:
+    lines = ["| model | calib / eval | dfq int8 top-1 % from original | from original, weights moved 1 ulp | "
+             "difference (points) |", "|---|---|---|---|---|"]
+    for r in rows:
+        d = 100 * (r["top1_int8_one_ulp"] - r["top1_int8_original"])
+        lines.append(f"| {r['model']} | {r['calib']} / {r['eval']} | {100 * r['top1_int8_original']:.1f} | "
+                     f"{100 * r['top1_int8_one_ulp']:.1f} | {d:+.1f} |")
+    return "\n".join(lines)
+
+
 def tables(rows: List[Dict]) -> str:
     lines = ["| model | original vs .tflite (rel) | .tflite vs imported graph (rel) | .tflite vs re-emitted (rel) |",
              "|---|---|---|---|"]
@@ -122,6 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--calib", type=int, default=200, help="calibration images (even positions)")
     ap.add_argument("--eval", type=int, default=200, help="evaluation images (odd positions)")
+    ap.add_argument("--control", action="store_true", help="only the one-ulp noise floor of the comparison")
     ap.add_argument("--diagnose", action="store_true", help="also time diagnose of the int8 and float files")
     ap.add_argument("--out-dir", help="keep the .tflite files here (default: a temporary folder)")
     ap.add_argument("--json", help="write the rows as JSON here")
@@ -134,8 +187,11 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = Path(args.out_dir) if args.out_dir else Path(tmp)
         out_dir.mkdir(parents=True, exist_ok=True)
-        rows = run(args.models, args.calib, args.eval, out_dir, args.diagnose)
-    print(tables(rows))
+        if args.control:
+            rows = control(args.models, args.calib, args.eval, out_dir)
+        else:
+            rows = run(args.models, args.calib, args.eval, out_dir, args.diagnose)
+    print(control_table(rows) if args.control else tables(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=2))
     return 0
