@@ -112,3 +112,31 @@ def test_a_source_with_batchnorm_keeps_its_bn_attribution():
     """The planted graph itself (BatchNorm present) still blames the BN scales: the tflite note is not general."""
     d = diagnose(planted_mobilenet(np.random.default_rng(0)))
     assert not d.bn_folded_in_source and "the BN scale causes it" in d.render(top=3)
+
+
+def test_a_legacy_uint8_file_with_asymmetric_weights(tmp_path):
+    """TensorFlow 1's converter in uint8 mode (dummy ranges): uint8 weights with a zero point, as old hub files."""
+    tf = pytest.importorskip("tensorflow")
+    tf1 = tf.compat.v1
+    k = np.random.default_rng(0).normal(size=(3, 3, 3, 4)).astype(np.float32)
+    k[..., 1] *= 50.0  # the channel that sets the range
+    k[..., 2] = 0.0  # a channel with one level
+    g = tf.Graph()
+    with g.as_default():
+        x = tf1.placeholder(tf.float32, (1, 8, 8, 3), name="input")
+        y = tf.nn.relu6(tf.nn.conv2d(x, tf.constant(k), 1, "SAME"))
+        with tf1.Session(graph=g) as sess:
+            conv = tf1.lite.TFLiteConverter.from_session(sess, [x], [y])
+            conv.inference_type = tf.uint8
+            conv.quantized_input_stats = {"input": (128.0, 127.0)}
+            conv.default_ranges_stats = (0.0, 6.0)
+            path = tmp_path / "u8.tflite"
+            path.write_bytes(conv.convert())
+    with pytest.raises(qfrewrite.QuantizedModelError, match="uint8"):
+        qfrewrite.load(path)
+    d = diagnose(path)
+    (layer,) = d.layers
+    assert layer.dtype == "uint8" and not layer.per_channel and layer.zero_points[0] != 0
+    assert layer.full_span == 255 and layer.levels[2] == 1 and layer.few_level_channels == [2]
+    assert layer.outlier_channels == [1] and layer.spread > 10
+    assert layer.input_quant == {"dtype": "uint8", "scale": pytest.approx(1 / 127), "zero_point": 128}
