@@ -15,6 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ star
 from .api import Result, load, rewrite  # noqa: E402
 from .errors import (ContractError, DataError, EmitError, GraphError, ModelLoadError, OutputError,  # noqa: E402
                      PassError, PipelineOrderError, PostconditionError, PreconditionError, QfrewriteError,
+                     QuantizedModelError,
                      SpecConflictError, UnsupportedOpError, VerificationError)
 from .evaluate import evaluate  # noqa: E402
 from .ir import Graph, Node, Op, Value  # noqa: E402
@@ -27,7 +28,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "rewrite", "load", "evaluate", "Result", "Graph", "Node", "Op", "Value", "Pass", "PassResult", "PassManager", "Context",
-    "Skip", "QuantSpec", "QfrewriteError", "ModelLoadError", "UnsupportedOpError", "GraphError", "VerificationError",
+    "Skip", "QuantSpec", "QfrewriteError", "ModelLoadError", "QuantizedModelError", "UnsupportedOpError", "GraphError", "VerificationError",
     "PassError", "ContractError", "PipelineOrderError", "PreconditionError", "PostconditionError", "SpecConflictError",
     "DataError", "EmitError", "OutputError", "__version__",
 ]

@@ -264,8 +264,9 @@ def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_pa
     """Rank the layers of MODEL by how badly per-tensor 8-bit weights would hurt them, name their outlier and dead
     channels (with the BatchNorm scales behind them) and suggest the passes that fix them.
 
-    MODEL: a Keras .keras/.h5 file, an ONNX file, a TF frozen GraphDef .pb or a SavedModel folder. With --data the
-    per-channel activation ranges are measured too.
+    MODEL: a Keras .keras/.h5 file, an ONNX file, a TF frozen GraphDef .pb, a SavedModel folder or a .tflite. With
+    --data the per-channel activation ranges are measured too. A quantized .tflite is reported as stored: its scales
+    and the levels each channel's weights use.
     """
     from .diagnose import diagnose as run_diagnose
     from .images import folder_reads

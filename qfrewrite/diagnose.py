@@ -19,6 +19,11 @@ calibration data, the activation ranges, and returns a :class:`Diagnosis`:
     largest, which alone costs 6 dB.
   - ``FoldBatchNorm`` first whenever BatchNorms are still in the graph (the figures assume them folded).
 
+A quantized ``.tflite`` (int8 or uint8) is read as stored instead: its scales and the levels its channels use
+(:mod:`qfrewrite.analysis.tflite_int8`, an :class:`~qfrewrite.analysis.tflite_int8.Int8Diagnosis`). A model whose
+BatchNorms were folded before it reached qfrewrite (a float ``.tflite``) has no BN scale to blame: its outliers are
+explained from the weights alone and the report says that the cause cannot be attributed to a BN scale.
+
 The diagnosis prints as a rich table (``str(diagnosis)`` for plain text), converts to JSON (one entry per layer, named
 as in the source model, with ``outlier_channels`` and ``zero_channels``) and draws the per-channel ranges of the worst
 layers (:meth:`Diagnosis.plot`). The caller's model is never modified.
@@ -36,6 +41,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from .analysis.channel_math import MIN_OUTLIER_RATIO
 from .analysis.channel_stats import ChannelStats, GraphChannelStats, LayerStats
+from .analysis.tflite_int8 import Int8Diagnosis, diagnose_int8_tflite, is_quantized_tflite
 from .calibration import as_calibration_set
 from .importers import load
 from .io_utils import one_output
@@ -104,6 +110,8 @@ class Diagnosis:
     batchnorms: int
     data: Optional[Dict[str, Any]] = None
     bits: int = 8
+    #: BatchNorms were folded in the source file (a float .tflite): no BN scale is known to explain an outlier
+    bn_folded_in_source: bool = False
 
     def ranked(self) -> List[LayerStats]:
         return self.stats.ranked()
@@ -146,6 +154,7 @@ class Diagnosis:
             "model": self.source, "format": self.format, "bits": self.bits,
             "view": "weights as quantized: BatchNorm folded into the layer before it",
             "batchnorms_in_graph": self.batchnorms, "data": self.data,
+            "batchnorm_folded_in_source": self.bn_folded_in_source,
             "rules": {"outlier": "modified z-score of log range > 3.5 and range >= "
                                  f"{MIN_OUTLIER_RATIO:g}x the median live range",
                       "near_zero": f"0 < range < median / {2 ** self.bits - 1}",
@@ -176,6 +185,9 @@ class Diagnosis:
     # -- text --------------------------------------------------------------------------------------------------------
     def header(self) -> str:
         bn = f"{self.batchnorms} BatchNorm(s) folded in this view" if self.batchnorms else "no BatchNorm in the graph"
+        if self.bn_folded_in_source:
+            bn = ("BatchNorm folded in the source file: outliers are explained from the weights alone; their cause "
+                  "cannot be attributed to a BN scale")
         data = (f"activations from {self.data['images']} image(s) of {self.data['name']}" if self.data
                 else "no data: weights only")
         return f"{self.source} ({self.format or 'graph'}; {len(self.stats)} weighted layers; {bn}; {data})"
@@ -219,6 +231,8 @@ class Diagnosis:
                 if "bn_scale" in d:
                     text += (f"; BN scale {d['bn_scale']:.3g} = {d['bn_scale_over_median']:.3g}x median"
                              + (" (the BN scale causes it)" if d["caused_by_bn"] else ""))
+                elif self.bn_folded_in_source:
+                    text += "; no BN scale in the file: cause not attributable to a BN scale"
                 if "reads_dead_input_of" in d:
                     text += f"; reads a dead channel of {d['reads_dead_input_of']}"
                 lines.append(text)
@@ -271,13 +285,18 @@ class Diagnosis:
 
 def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=None, limit: Optional[int] = None,
              batch_size: int = 32, bits: Optional[int] = None, inputs=None, outputs=None,
-             input_shape=None) -> Diagnosis:
+             input_shape=None) -> Union[Diagnosis, Int8Diagnosis]:
     """Diagnose ``model`` (anything :func:`qfrewrite.load` reads, or a :class:`Graph`, which is copied).
 
     ``data`` (an image folder, an array or batches; ``preprocess`` and ``limit`` as in :func:`qfrewrite.rewrite`) adds
     per-channel activation ranges from the streaming observers. ``spec`` is the quantization to diagnose for (its
     weight bits; default 8); ``bits`` overrides the weight bit width (2..16, beyond what the int8 targets run).
+    A quantized ``.tflite`` gives an :class:`~qfrewrite.analysis.tflite_int8.Int8Diagnosis` (``data`` unused).
     """
+    if is_quantized_tflite(model):
+        if data is not None:
+            log.warning("%s is quantized: its report reads the stored scales and codes; --data is not used", model)
+        return diagnose_int8_tflite(model, bits=int(bits) if bits is not None else 8)
     graph = load(model, inputs=inputs, outputs=outputs, input_shape=input_shape)
     bits = int(bits) if bits is not None else (spec or QuantSpec()).resolved().weight_bits
     ctx = Context(data=as_calibration_set(data, graph, batch_size=batch_size, preprocess=preprocess, limit=limit),
@@ -289,7 +308,8 @@ def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=N
     if ctx.data is not None:
         data_info = {"name": str(getattr(ctx.data, "name", "data")), "images": len(ctx.data)}
     result = Diagnosis(source=str(source), format=graph.meta.get("format"), stats=stats,
-                       batchnorms=len(graph.find(Op.BATCH_NORM)), data=data_info, bits=bits)
+                       batchnorms=len(graph.find(Op.BATCH_NORM)), data=data_info, bits=bits,
+                       bn_folded_in_source=bool(graph.meta.get("batchnorm_folded_in_source")))
     log.info("diagnosed %s: %d layers, %d outlier and %d zero channels", result.source, len(stats),
              stats.totals()["outlier_channels"], stats.totals()["zero_channels"])
     return result

@@ -8,6 +8,7 @@ from __future__ import annotations
 __all__ = [
     "QfrewriteError",
     "ModelLoadError",
+    "QuantizedModelError",
     "UnsupportedOpError",
     "GraphError",
     "VerificationError",
@@ -35,6 +36,11 @@ class QfrewriteError(Exception):
 
 class ModelLoadError(QfrewriteError):
     """A model file or object could not be read (missing, corrupt, truncated, unknown format)."""
+
+
+class QuantizedModelError(ModelLoadError):
+    """The model is already quantized (an int8 or uint8 ``.tflite``): rewriting it would requantize rounded values.
+    The message says what to quantize instead; ``diagnose`` reads such a file."""
 
 
 class UnsupportedOpError(QfrewriteError):

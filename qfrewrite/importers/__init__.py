@@ -4,7 +4,9 @@
 
 * a :class:`Graph` (copied), a Keras model object, ``.keras`` / ``.h5`` / ``.hdf5`` files -> Keras importer;
 * ``.onnx`` -> ONNX importer;
-* ``.pb`` (a frozen GraphDef) -> GraphDef importer; a folder holding ``saved_model.pb`` -> SavedModel importer.
+* ``.pb`` (a frozen GraphDef) -> GraphDef importer; a folder holding ``saved_model.pb`` -> SavedModel importer;
+* ``.tflite`` (float32, or float16 weights) -> TFLite importer; a quantized ``.tflite`` is refused
+  (:class:`~qfrewrite.errors.QuantizedModelError`).
 """
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ __all__ = ["load", "SUPPORTED_SOURCES", "check_finite_weights"]
 log = logging.getLogger(__name__)
 
 SUPPORTED_SOURCES = (
-    "Keras model object, .keras, .h5/.hdf5; ONNX .onnx; TF frozen GraphDef .pb; TF SavedModel folder"
+    "Keras model object, .keras, .h5/.hdf5; ONNX .onnx; TF frozen GraphDef .pb; TF SavedModel folder; "
+    "float TFLite .tflite"
 )
 
 
@@ -79,4 +82,8 @@ def _import(source, inputs, outputs, input_shape) -> Graph:
         from .tf_importer import load_graphdef
 
         return load_graphdef(path, inputs=inputs, outputs=outputs, input_shape=input_shape)
+    if suffix == ".tflite":
+        from .tflite_importer import load_tflite
+
+        return load_tflite(path, inputs=inputs, outputs=outputs, input_shape=input_shape)
     raise ModelLoadError(f"{path}: unknown model format {suffix or '(no extension)'}; supported: {SUPPORTED_SOURCES}")
