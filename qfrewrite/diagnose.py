@@ -36,12 +36,15 @@ from typing import Any, Dict, List, Optional, Union
 
 from .analysis.channel_math import MIN_OUTLIER_RATIO
 from .analysis.channel_stats import ChannelStats, GraphChannelStats, LayerStats
+from .analysis.layer_harm import HARM_IMAGES, HarmMeasurement, diagnosis_harm, harm_columns, harm_legend, ranked_layers
 from .calibration import as_calibration_set
 from .importers import load
 from .io_utils import one_output
 from .ir import Op
 from .pass_infra import Context, ordered
 from .passes import CorrectBias, CrossLayerEqualization, FoldBatchNorm, FoldDeadChannels
+from .errors import QfrewriteError
+from .quant.weights import GRANULARITIES
 from .spec import QuantSpec
 
 __all__ = ["HURT_DB", "Diagnosis", "diagnose", "layer_suggestions"]
@@ -104,9 +107,12 @@ class Diagnosis:
     batchnorms: int
     data: Optional[Dict[str, Any]] = None
     bits: int = 8
+    #: the measured output harm of each layer quantized alone (with data), and the weight granularity ranked by
+    harm: Optional[HarmMeasurement] = None
+    weights: str = "per_tensor"
 
     def ranked(self) -> List[LayerStats]:
-        return self.stats.ranked()
+        return ranked_layers(self.stats, self.harm, self.weights)
 
     def suggestions(self) -> List[Dict[str, Any]]:
         """The passes to try, in the order their contracts put them, each with the layers (source names) it
@@ -141,6 +147,8 @@ class Diagnosis:
         for rank, ls in enumerate(self.ranked(), 1):
             d = {"rank": rank, **ls.to_dict(per_channel=per_channel), "hurt": _hurt(ls),
                  "suggestions": layer_suggestions(ls)}
+            if self.harm is not None and ls.name in self.harm.layers:
+                d.update(self.harm.layers[ls.name].to_dict())
             layers.append(d)
         return jsonable({
             "model": self.source, "format": self.format, "bits": self.bits,
@@ -151,8 +159,19 @@ class Diagnosis:
                       "near_zero": f"0 < range < median / {2 ** self.bits - 1}",
                       "caused_by_bn": "|bn_scale| / median |bn_scale| >= sqrt(range / median range)",
                       "hurt": f"per-tensor loss >= {HURT_DB:.2f} dB on the median channel"},
+            "ranking": self.ranking(),
             "totals": self.stats.totals(), "layers": layers, "suggestions": self.suggestions(),
         })
+
+    def ranking(self) -> Dict[str, Any]:
+        """What the layers are ranked by: ``measured`` (the output SQNR of each layer quantized alone, on data) or
+        an estimate from the weights alone."""
+        w = self.weights.replace("_", "-")
+        if self.harm is not None:
+            return {"by": f"output SQNR with only this layer's {w} {self.bits}-bit weights quantized",
+                    "measured": True, **self.harm.to_dict()}
+        return {"by": f"estimate from the weights alone: SQNR of the whole {w} {self.bits}-bit kernel (no data)",
+                "measured": False}
 
     def to_json(self, path: Union[str, os.PathLike, None] = None, indent: Optional[int] = 2) -> str:
         """The JSON text; written atomically to ``path`` when given."""
@@ -177,18 +196,23 @@ class Diagnosis:
     def header(self) -> str:
         bn = f"{self.batchnorms} BatchNorm(s) folded in this view" if self.batchnorms else "no BatchNorm in the graph"
         data = (f"activations from {self.data['images']} image(s) of {self.data['name']}" if self.data
-                else "no data: weights only")
+                else "no data: weights only, the ranking is an estimate")
         return f"{self.source} ({self.format or 'graph'}; {len(self.stats)} weighted layers; {bn}; {data})"
 
     def _table(self, top: int):
         from rich import box
         from rich.table import Table
 
-        t = Table(title=f"layers ranked by how badly per-tensor {self.bits}-bit weights hurt them (top {top})",
-                  title_justify="left", box=box.SIMPLE_HEAD)
+        w = self.weights.replace("_", "-")
+        title = (f"layers ranked by the measured harm of {w} {self.bits}-bit weights to the outputs (top {top})"
+                 if self.harm is not None else
+                 f"layers ranked by how badly {w} {self.bits}-bit weights hurt them, estimated from the weights "
+                 f"(top {top})")
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
         cols = [("#", "right"), ("layer", "left"), ("op", "left"), ("ch", "right"), ("spread", "right"),
                 ("outl", "right"), ("zero", "right"), ("near0", "right"),
                 ("dB/T", "right"), ("dB/C", "right"), ("loss", "right")]
+        cols += [(c, "right") for c in harm_columns(self.harm)]
         if self.stats.with_activations:
             cols += [("act range", "right"), ("act spread", "right")]
         cols.append(("fix", "left"))
@@ -199,6 +223,7 @@ class Diagnosis:
                    str(len(ls.outlier_channels)), str(len(ls.zero_channels)), str(len(ls.near_zero_channels)),
                    f"{ls.sqnr_db['per_tensor']:.1f}", f"{ls.sqnr_db['per_channel']:.1f}",
                    f"{ls.per_tensor_loss_db:.1f}"]
+            row += harm_columns(self.harm, ls.name)
             if self.stats.with_activations:
                 row += [f"[{ls.act_min.min():.3g}, {ls.act_max.max():.3g}]", f"{ls.act_spread:.3g}"]
             row.append(" ".join(_CODES[s["pass"]] for s in layer_suggestions(ls)))
@@ -235,6 +260,7 @@ class Diagnosis:
 
         legend = ("dB/T, dB/C: SQNR of the median live channel with symmetric weights per tensor / per channel; "
                   "loss: dB/C - dB/T; outl, zero, near0: outlier, all-zero, near-zero channels\n"
+                  + harm_legend(self.harm) +
                   "fix: " + ", ".join(f"{v} {k}" for k, v in _CODES.items()))
         out: list = [Text(self.header()), self._table(top), Text(legend)]
         details = self._details(top)
@@ -271,13 +297,19 @@ class Diagnosis:
 
 def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=None, limit: Optional[int] = None,
              batch_size: int = 32, bits: Optional[int] = None, inputs=None, outputs=None,
-             input_shape=None) -> Diagnosis:
+             input_shape=None, weights: str = "per_tensor", harm: bool = True,
+             harm_images: Optional[int] = HARM_IMAGES) -> Diagnosis:
     """Diagnose ``model`` (anything :func:`qfrewrite.load` reads, or a :class:`Graph`, which is copied).
 
     ``data`` (an image folder, an array or batches; ``preprocess`` and ``limit`` as in :func:`qfrewrite.rewrite`) adds
     per-channel activation ranges from the streaming observers. ``spec`` is the quantization to diagnose for (its
     weight bits; default 8); ``bits`` overrides the weight bit width (2..16, beyond what the int8 targets run).
+    With data (and ``harm``) each layer's harm to the outputs is measured on at most ``harm_images`` of the images
+    (:mod:`qfrewrite.analysis.layer_harm`) and the layers are ranked by it for ``weights`` (``"per_tensor"`` or
+    ``"per_channel"``); without, by an estimate from the weights alone.
     """
+    if weights not in GRANULARITIES:
+        raise QfrewriteError(f"diagnose weights must be one of {GRANULARITIES}, got {weights!r}")
     graph = load(model, inputs=inputs, outputs=outputs, input_shape=input_shape)
     bits = int(bits) if bits is not None else (spec or QuantSpec()).resolved().weight_bits
     ctx = Context(data=as_calibration_set(data, graph, batch_size=batch_size, preprocess=preprocess, limit=limit),
@@ -288,8 +320,10 @@ def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=N
     data_info = None
     if ctx.data is not None:
         data_info = {"name": str(getattr(ctx.data, "name", "data")), "images": len(ctx.data)}
+    measured = diagnosis_harm(graph, ctx, stats, bits, harm_images) if ctx.data is not None and harm else None
     result = Diagnosis(source=str(source), format=graph.meta.get("format"), stats=stats,
-                       batchnorms=len(graph.find(Op.BATCH_NORM)), data=data_info, bits=bits)
+                       batchnorms=len(graph.find(Op.BATCH_NORM)), data=data_info, bits=bits, harm=measured,
+                       weights=weights)
     log.info("diagnosed %s: %d layers, %d outlier and %d zero channels", result.source, len(stats),
              stats.totals()["outlier_channels"], stats.totals()["zero_channels"])
     return result
