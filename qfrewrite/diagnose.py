@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from .analysis.channel_math import MIN_OUTLIER_RATIO
 from .analysis.channel_stats import ChannelStats, GraphChannelStats, LayerStats
+from .analysis.after_recipe import recipe_view
 from .analysis.layer_harm import HARM_IMAGES, HarmMeasurement, diagnosis_harm, harm_columns, harm_legend, ranked_layers
 from .calibration import as_calibration_set
 from .importers import load
@@ -110,6 +111,8 @@ class Diagnosis:
     #: the measured output harm of each layer quantized alone (with data), and the weight granularity ranked by
     harm: Optional[HarmMeasurement] = None
     weights: str = "per_tensor"
+    #: the recipe whose float rewrite was diagnosed (``None``: the model as it is)
+    recipe: Optional[str] = None
 
     def ranked(self) -> List[LayerStats]:
         return ranked_layers(self.stats, self.harm, self.weights)
@@ -151,7 +154,7 @@ class Diagnosis:
                 d.update(self.harm.layers[ls.name].to_dict())
             layers.append(d)
         return jsonable({
-            "model": self.source, "format": self.format, "bits": self.bits,
+            "model": self.source, "format": self.format, "bits": self.bits, "after_recipe": self.recipe,
             "view": "weights as quantized: BatchNorm folded into the layer before it",
             "batchnorms_in_graph": self.batchnorms, "data": self.data,
             "rules": {"outlier": "modified z-score of log range > 3.5 and range >= "
@@ -197,7 +200,8 @@ class Diagnosis:
         bn = f"{self.batchnorms} BatchNorm(s) folded in this view" if self.batchnorms else "no BatchNorm in the graph"
         data = (f"activations from {self.data['images']} image(s) of {self.data['name']}" if self.data
                 else "no data: weights only, the ranking is an estimate")
-        return f"{self.source} ({self.format or 'graph'}; {len(self.stats)} weighted layers; {bn}; {data})"
+        after = f"after {self.recipe}'s rewrite; " if self.recipe else ""
+        return f"{self.source} ({self.format or 'graph'}; {after}{len(self.stats)} weighted layers; {bn}; {data})"
 
     def _table(self, top: int):
         from rich import box
@@ -298,7 +302,7 @@ class Diagnosis:
 def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=None, limit: Optional[int] = None,
              batch_size: int = 32, bits: Optional[int] = None, inputs=None, outputs=None,
              input_shape=None, weights: str = "per_tensor", harm: bool = True,
-             harm_images: Optional[int] = HARM_IMAGES) -> Diagnosis:
+             harm_images: Optional[int] = HARM_IMAGES, recipe: Optional[str] = None) -> Diagnosis:
     """Diagnose ``model`` (anything :func:`qfrewrite.load` reads, or a :class:`Graph`, which is copied).
 
     ``data`` (an image folder, an array or batches; ``preprocess`` and ``limit`` as in :func:`qfrewrite.rewrite`) adds
@@ -306,7 +310,9 @@ def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=N
     weight bits; default 8); ``bits`` overrides the weight bit width (2..16, beyond what the int8 targets run).
     With data (and ``harm``) each layer's harm to the outputs is measured on at most ``harm_images`` of the images
     (:mod:`qfrewrite.analysis.layer_harm`) and the layers are ranked by it for ``weights`` (``"per_tensor"`` or
-    ``"per_channel"``); without, by an estimate from the weights alone.
+    ``"per_channel"``); without, by an estimate from the weights alone. ``recipe="dfq"`` (needs data) diagnoses the
+    graph the recipe's float rewrite leaves, with its bias correction applied to each quantized layer
+    (:mod:`qfrewrite.analysis.after_recipe`): which layers still hurt after it.
     """
     if weights not in GRANULARITIES:
         raise QfrewriteError(f"diagnose weights must be one of {GRANULARITIES}, got {weights!r}")
@@ -314,16 +320,21 @@ def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=N
     bits = int(bits) if bits is not None else (spec or QuantSpec()).resolved().weight_bits
     ctx = Context(data=as_calibration_set(data, graph, batch_size=batch_size, preprocess=preprocess, limit=limit),
                   spec=spec)
+    biases = None
+    if recipe is not None:
+        ctx.require_data(f"diagnose after the recipe {recipe!r}")
+        graph, biases = recipe_view(graph, ctx.data, spec or QuantSpec(), recipe)
     stats = ctx.analysis(ChannelStats(fold_bn=True, activations="always" if ctx.data is not None else "never",
                                       bits=bits), graph)
     source = graph.meta.get("source") or (str(model) if isinstance(model, (str, os.PathLike)) else graph.name)
     data_info = None
     if ctx.data is not None:
         data_info = {"name": str(getattr(ctx.data, "name", "data")), "images": len(ctx.data)}
-    measured = diagnosis_harm(graph, ctx, stats, bits, harm_images) if ctx.data is not None and harm else None
+    measured = (diagnosis_harm(graph, ctx, stats, bits, harm_images, biases) if ctx.data is not None and harm
+                else None)
     result = Diagnosis(source=str(source), format=graph.meta.get("format"), stats=stats,
                        batchnorms=len(graph.find(Op.BATCH_NORM)), data=data_info, bits=bits, harm=measured,
-                       weights=weights)
+                       weights=weights, recipe=recipe)
     log.info("diagnosed %s: %d layers, %d outlier and %d zero channels", result.source, len(stats),
              stats.totals()["outlier_channels"], stats.totals()["zero_channels"])
     return result

@@ -146,8 +146,9 @@ class _Segments:
         self.last_read = last_read
         self.groups = groups
         self._fns = [self._trace(grp, ins, outs) for grp, ins, outs in zip(groups, reads, self.writes)]
-        self._float_kernels = {k: tf.constant(grp[0].weight.const) for k, grp in enumerate(groups)
-                               if grp[0].op in WEIGHTED_OPS}
+        self._float_kernels = {k: (tf.constant(grp[0].weight.const), tf.constant(
+            grp[0].bias.const if grp[0].bias is not None else np.zeros(grp[0].output.shape[-1:], np.float32)))
+            for k, grp in enumerate(groups) if grp[0].op in WEIGHTED_OPS}
 
     def _trace(self, nodes: List[Node], ins: List[str], outs: List[str]):
         from ..backend.tf_lowering import lower_node
@@ -157,23 +158,26 @@ class _Segments:
         consts = {v.name: v.const for n in nodes for v in n.inputs if v.is_const}
         sig = [tf.TensorSpec([None, *self.graph.value(n).shape[1:]], tf.float32) for n in ins]
         if weighted:
-            sig = [tf.TensorSpec(nodes[0].weight.const.shape, tf.float32)] + sig
+            sig = [tf.TensorSpec(nodes[0].weight.const.shape, tf.float32),
+                   tf.TensorSpec(nodes[0].output.shape[-1:], tf.float32)] + sig
 
         def fn(*xs):
-            kernel, xs = (xs[0], xs[1:]) if weighted else (None, xs)
+            kernel, bias, xs = (xs[0], xs[1], xs[2:]) if weighted else (None, None, xs)
             env = dict(zip(ins, xs))
             for i, node in enumerate(nodes):
                 args = [tf.constant(consts[v.name]) if v.is_const else env[v.name] for v in node.inputs]
-                env[node.output.name] = lower_node(node, args, kernel=kernel if i == 0 else None)
+                env[node.output.name] = lower_node(node, args, kernel=kernel if i == 0 else None,
+                                                   bias=bias if i == 0 else None)
             return [env[n] for n in outs]
 
         return tf.function(fn, input_signature=sig, jit_compile=False, autograph=False)
 
-    def _call(self, k: int, env: Mapping, base: Mapping, kernel=None) -> Dict[str, object]:
+    def _call(self, k: int, env: Mapping, base: Mapping, kernel=None, bias=None) -> Dict[str, object]:
         grp = self.groups[k]
         xs = [env[n] if n in env else base[n] for n in self.reads[k]]
         if grp[0].op in WEIGHTED_OPS:
-            xs = [self._float_kernels[k] if kernel is None else kernel] + xs
+            k0, b0 = self._float_kernels[k]
+            xs = [k0 if kernel is None else kernel, b0 if bias is None else bias] + xs
         return dict(zip(self.writes[k], self._fns[k](*xs)))
 
     def float_run(self, x: np.ndarray) -> Dict[str, object]:
@@ -183,13 +187,13 @@ class _Segments:
             env.update(self._call(k, env, env))
         return env
 
-    def outputs_from(self, base: Mapping, start: int, changed: Optional[Mapping] = None,
-                     kernel=None) -> List[np.ndarray]:
-        """The graph outputs when segments ``start ..`` are recomputed, segment ``start`` with ``kernel`` when given,
-        reading ``changed`` values in place of the float ones of ``base``."""
+    def outputs_from(self, base: Mapping, start: int, changed: Optional[Mapping] = None, kernel=None,
+                     bias=None) -> List[np.ndarray]:
+        """The graph outputs when segments ``start ..`` are recomputed, segment ``start`` with ``kernel`` and
+        ``bias`` when given, reading ``changed`` values in place of the float ones of ``base``."""
         env: Dict[str, object] = dict(changed or {})
         for k in range(start, len(self.groups)):
-            env.update(self._call(k, env, base, kernel if k == start else None))
+            env.update(self._call(k, env, base, kernel if k == start else None, bias if k == start else None))
             for name in [n for n in env if self.last_read.get(n, -1) <= k]:
                 del env[name]
         return [np.asarray((env[o] if o in env else base[o]).numpy()) for o in self.outputs]
@@ -199,7 +203,8 @@ def measure_layer_harm(graph: Graph, batches: Iterable[np.ndarray], *,
                        act_ranges: Optional[Mapping[str, FakeQuantAttrs]] = None,
                        granularities: Sequence[str] = GRANULARITIES, method: str = "minmax", bits: int = 8,
                        layers: Optional[Sequence[str]] = None, limit: Optional[int] = None,
-                       chunk: Optional[int] = None) -> HarmMeasurement:
+                       chunk: Optional[int] = None,
+                       biases: Optional[Mapping[Tuple[str, str], np.ndarray]] = None) -> HarmMeasurement:
     """Measure the output SQNR of each weighted layer quantized alone (see the module docstring).
 
     ``graph``: single-input, BatchNorms folded (fold a copy with :class:`FoldBatchNorm` first: the weights are
@@ -208,6 +213,8 @@ def measure_layer_harm(graph: Graph, batches: Iterable[np.ndarray], *,
     activation column. ``granularities``, ``method``, ``bits``: the weight quantization (as
     :func:`weight_quant_attrs`). ``layers``: node names to measure (default: every weighted layer). ``limit``: use at
     most this many images. ``chunk``: images per float run (default: as many as keep one run's values near 512 MB).
+    ``biases``: ``{(layer, granularity): bias}`` used with that layer's quantized kernel (a bias corrected for its
+    quantization, e.g. by :class:`CorrectBias`); the float runs keep the graph's biases.
     """
     import tensorflow as tf
 
@@ -225,6 +232,7 @@ def measure_layer_harm(graph: Graph, batches: Iterable[np.ndarray], *,
     for node in nodes:
         for g in granularities:
             kernels[node.name, g] = tf.constant(quantized_kernel(node, weight_quant_attrs(node, g, method, bits)))
+    qbiases = {k: tf.constant(np.asarray(b, np.float32)) for k, b in (biases or {}).items()}
     acts = {n.name: activation_tensor(n) for n in nodes if n.name in act_ranges}
     columns = tuple(granularities) + (("activations",) if acts else ())
     t0 = time.perf_counter()
@@ -256,7 +264,8 @@ def measure_layer_harm(graph: Graph, batches: Iterable[np.ndarray], *,
                 start = segments.segment_of[node.name]
                 for g in granularities:
                     t0 = time.perf_counter()
-                    add((node.name, g), ref, segments.outputs_from(base, start, kernel=kernels[node.name, g]))
+                    add((node.name, g), ref, segments.outputs_from(base, start, kernel=kernels[node.name, g],
+                                                                   bias=qbiases.get((node.name, g))))
                     seconds[g] += time.perf_counter() - t0
                 if node.name in acts:
                     t0 = time.perf_counter()
@@ -286,12 +295,13 @@ def measure_layer_harm(graph: Graph, batches: Iterable[np.ndarray], *,
     return HarmMeasurement(out, images, columns, seconds)
 
 
-def diagnosis_harm(graph: Graph, ctx, stats, bits: int = 8, limit: Optional[int] = None) -> HarmMeasurement:
+def diagnosis_harm(graph: Graph, ctx, stats, bits: int = 8, limit: Optional[int] = None,
+                   biases: Optional[Mapping[Tuple[str, str], np.ndarray]] = None) -> HarmMeasurement:
     """:func:`measure_layer_harm` for ``qfrewrite diagnose``: on a copy of ``graph`` with its BatchNorms folded, on
     the context's calibration data (at most ``limit`` images), with the spec's weight method and ``bits``, and each
     layer's activation range chosen by the spec's method from the observer statistics the diagnosis already
     gathered (``stats``: its :class:`~qfrewrite.analysis.channel_stats.GraphChannelStats`; graph outputs take
-    min/max, as :class:`InsertFakeQuant` does)."""
+    min/max, as :class:`InsertFakeQuant` does). ``biases``: as :func:`measure_layer_harm`'s."""
     from ..pass_infra import Context
     from ..passes import FoldBatchNorm
     from ..quant.observers import activation_stats
@@ -311,7 +321,7 @@ def diagnosis_harm(graph: Graph, ctx, stats, bits: int = 8, limit: Optional[int]
     FoldBatchNorm().run(folded, Context())
     return measure_layer_harm(folded, data.batches(), act_ranges=act_ranges, method=spec.weight_method, bits=bits,
                               layers=[n for n in stats if n in {x.name for x in folded.find(*WEIGHTED_OPS)}],
-                              limit=limit)
+                              limit=limit, biases=biases)
 
 
 def ranked_layers(stats, harm: Optional[HarmMeasurement], granularity: str = "per_tensor") -> List[LayerStats]:

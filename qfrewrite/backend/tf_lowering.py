@@ -81,7 +81,7 @@ def _batch(x):
     return x.shape[0] if x.shape[0] is not None else _tf().shape(x)[0]
 
 
-def _lower_node(node: Node, args: List, quantize: bool, kernel=None):
+def _lower_node(node: Node, args: List, quantize: bool, kernel=None, bias=None):
     tf = _tf()
     op, a = node.op, node.attrs
     x = args[0] if args else None
@@ -95,14 +95,14 @@ def _lower_node(node: Node, args: List, quantize: bool, kernel=None):
             y = tf.nn.conv2d(x, k, strides=[1, *a.strides, 1], padding=mode, dilations=list(a.dilations))
         else:
             y = tf.nn.depthwise_conv2d(x, k, strides=[1, *a.strides, 1], padding=mode, dilations=list(a.dilations))
-        if node.bias is not None:
-            y = tf.nn.bias_add(y, tf.constant(node.bias.const))
+        if bias is not None or node.bias is not None:
+            y = tf.nn.bias_add(y, tf.constant(node.bias.const) if bias is None else bias)
         return y
     if op is Op.DENSE:
         k = _kernel(node, quantize, kernel)
         y = tf.matmul(x, k) if len(node.inputs[0].shape) == 2 else tf.tensordot(x, k, axes=1)
-        if node.bias is not None:
-            y = tf.nn.bias_add(y, tf.constant(node.bias.const))
+        if bias is not None or node.bias is not None:
+            y = tf.nn.bias_add(y, tf.constant(node.bias.const) if bias is None else bias)
         return y
     if op is Op.BATCH_NORM:
         scale, shift, _ = bn_affine(node)
@@ -157,10 +157,11 @@ def _lower_node(node: Node, args: List, quantize: bool, kernel=None):
     raise EmitError(f"{node.name}: no TensorFlow lowering for {op.value}")
 
 
-def lower_node(node: Node, args: Sequence, quantize: bool = False, kernel=None):
+def lower_node(node: Node, args: Sequence, quantize: bool = False, kernel=None, bias=None):
     """One node's output from its (non-constant and constant) input tensors ``args``, in input order; ``kernel``
-    (a tensor or array) replaces a weighted node's kernel. Runs eagerly outside a ``tf.function``."""
-    return _lower_node(node, list(args), quantize, kernel)
+    and ``bias`` (tensors or arrays) replace a weighted node's kernel and bias (a bias is added even where the node
+    has none). Runs eagerly or inside a ``tf.function``."""
+    return _lower_node(node, list(args), quantize, kernel, bias)
 
 
 def _scope_name(name: str) -> str:
