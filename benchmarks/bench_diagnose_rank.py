@@ -11,8 +11,9 @@ between ``diagnose``'s rank (1 = worst) and the ground-truth SQNR (low = bad), p
 
 * ``measured``: ``diagnose(model, data)``, harm measured on ``harm_images`` of its images (each value of
   ``--harm-images``);
-* ``no data``: ``diagnose(model)``: the ranking without data (the whole-kernel SQNR), and the median channel's SQNR
-  that ranked the layers before;
+* ``no data``: ``diagnose(model)``: the ranking without data (the median channel's weight SQNR), and two estimates
+  tried in its place: the SQNR of the whole kernel, and the same with each output channel's signal and noise
+  weighted by the power gain of the layers that read it (:func:`propagated_harm_db`);
 
 and the wall time of ``diagnose`` with data beside one float forward pass over the same images in the same run
 (traced executor, build included), as a ratio: the machine is shared, so absolute times are noisy.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -93,6 +95,77 @@ def ground_truth(folded, images, granularity: str) -> Dict[str, float]:
     return out
 
 
+# -- estimates without data tried in place of the median channel's SQNR ------------------------------------------------
+#: the longest forward walk from a layer to the weighted layers that read its channels
+_MAX_WALK = 16
+
+
+def _channel_readers(node) -> list:
+    """The weighted layers that read ``node``'s output channel by channel: forward through channel-wise ops and
+    residual Adds (channel ``c`` stays channel ``c``), stopping at anything else."""
+    from qfrewrite.ir import WEIGHTED_OPS, Op, is_channelwise
+
+    found = []
+    frontier, seen = [node.output], set()
+    for _ in range(_MAX_WALK):
+        nxt = []
+        for v in frontier:
+            for reader, idx in v.uses():
+                if reader.name in seen:
+                    continue
+                seen.add(reader.name)
+                if reader.op in WEIGHTED_OPS and idx == 0:
+                    found.append(reader)
+                elif is_channelwise(reader) and idx == 0 or (reader.op is Op.ADD and not any(
+                        i.is_const for i in reader.inputs)):
+                    nxt.append(reader.output)
+        if not nxt:
+            break
+        frontier = nxt
+    return found
+
+
+def _input_channel_gain(reader) -> np.ndarray:
+    """``sum W**2`` per input channel of a weighted layer: the noise power gain of each channel it reads."""
+    from qfrewrite.ir import Op
+
+    k = np.asarray(reader.weight.const, np.float64) ** 2
+    if reader.op is Op.DENSE:
+        return k.sum(axis=1)
+    return k.sum(axis=(0, 1, 3))
+
+
+def propagated_harm_db(graph, granularity: str = "per_tensor", method: str = "minmax",
+                       bits: int = 8) -> Dict[str, float]:
+    """Without data: each layer's weight SQNR with every output channel's signal and noise weighted by the power
+    gain of the layers that read it, ``10 log10(sum_c S_c g_c / sum_c N_c g_c)`` with ``S_c = sum W_c**2``,
+    ``N_c = sum (W_c - W_q,c)**2`` and ``g_c`` the sum over the reading layers (:func:`_channel_readers`) of their
+    ``sum W**2`` over the weights that read channel ``c`` (``g_c = 1`` where no layer reads the channels).
+
+    A channel whose weights are small but whose readers amplify it (a near-zero channel after per-tensor
+    rounding) then counts as much as it will at the next layer's output. ``graph``: BatchNorms folded."""
+    from qfrewrite.ir import WEIGHTED_OPS, layer_kind
+    from qfrewrite.numerics.kernels import out_channels_last
+    from qfrewrite.quant.weights import quantized_kernel, weight_quant_attrs
+
+    out = {}
+    for node in graph.find(*WEIGHTED_OPS):
+        w = out_channels_last(np.asarray(node.weight.const, np.float64), layer_kind(node))
+        q = out_channels_last(np.asarray(quantized_kernel(node, weight_quant_attrs(node, granularity, method, bits)),
+                                         np.float64), layer_kind(node))
+        signal, noise = (w ** 2).sum(axis=0), ((w - q) ** 2).sum(axis=0)
+        gain = np.zeros_like(signal)
+        for reader in _channel_readers(node):
+            g = _input_channel_gain(reader)
+            if len(g) == len(gain):
+                gain += g
+        if not gain.any():
+            gain = np.ones_like(signal)
+        n = float(np.sum(noise * gain))
+        out[node.name] = math.inf if n == 0 else 10.0 * math.log10(max(float(np.sum(signal * gain)), 1e-30) / n)
+    return out
+
+
 def correlation(ranked, truth: Dict[str, float]) -> float:
     """Spearman between a ranking (list of LayerStats, worst first) and the ground truth SQNR."""
     names = [ls.name for ls in ranked]
@@ -124,10 +197,13 @@ def bench_model(key: str, n: int, harm_images: Sequence[int], truth_cache: Dict)
     row: Dict = {"model": key, "layers": len(truth["per_tensor"]), "images": {"diagnose": len(calib),
                                                                              "truth": len(evals)}}
     plain = diagnose(graph)
-    row["no_data"] = {g: {"whole_kernel": correlation(ranked_layers(plain.stats, None, g), truth[g]),
-                          "median_channel": correlation(
-                              sorted(plain.stats.values(), key=lambda ls: ls.sqnr_db[g]), truth[g])}
-                      for g in GRANULARITIES}
+    row["no_data"] = {}
+    for g in GRANULARITIES:
+        prop = propagated_harm_db(folded, g)
+        row["no_data"][g] = {
+            "median_channel": correlation(ranked_layers(plain.stats, None, g), truth[g]),
+            "whole_kernel": correlation(sorted(plain.stats.values(), key=lambda ls: ls.tensor_sqnr_db[g]), truth[g]),
+            "propagated": correlation(sorted(plain.stats.values(), key=lambda ls: prop[ls.name]), truth[g])}
     row["measured"] = []
     for k in harm_images:
         t0 = time.perf_counter()
@@ -164,15 +240,15 @@ def main(argv=None) -> int:
     for key in args.models:
         rows.append(bench_model(key, args.images, args.harm_images, cache))
         args.truth.write_text(json.dumps(cache, indent=1))
-    print("| model | layers | no data (whole kernel) T / C | no data (median channel) T / C | harm images | "
-          "measured T / C | diagnose s | float fwd s | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | layers | no data: median channel T / C | whole kernel T / C | propagated T / C | "
+          "harm images | measured T / C | diagnose s | float fwd s | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         nd = r["no_data"]
+        cells = " | ".join(f"{nd['per_tensor'][k]:.3f} / {nd['per_channel'][k]:.3f}"
+                           for k in ("median_channel", "whole_kernel", "propagated"))
         for e in r["measured"]:
-            print(f"| {r['model']} | {r['layers']} | {nd['per_tensor']['whole_kernel']:.3f} / "
-                  f"{nd['per_channel']['whole_kernel']:.3f} | {nd['per_tensor']['median_channel']:.3f} / "
-                  f"{nd['per_channel']['median_channel']:.3f} | {e['harm_images']} | {e['per_tensor']:.3f} / "
+            print(f"| {r['model']} | {r['layers']} | {cells} | {e['harm_images']} | {e['per_tensor']:.3f} / "
                   f"{e['per_channel']:.3f} | {e['seconds']} | {e['float_forward_seconds']} | "
                   f"{e['ratio_to_float_forward']} |")
     if args.out:

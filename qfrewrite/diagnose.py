@@ -173,7 +173,8 @@ class Diagnosis:
         if self.harm is not None:
             return {"by": f"output SQNR with only this layer's {w} {self.bits}-bit weights quantized",
                     "measured": True, **self.harm.to_dict()}
-        return {"by": f"estimate from the weights alone: SQNR of the whole {w} {self.bits}-bit kernel (no data)",
+        return {"by": f"estimate from the weights alone: SQNR of the median channel with {w} {self.bits}-bit "
+                      "weights (no data)",
                 "measured": False}
 
     def to_json(self, path: Union[str, os.PathLike, None] = None, indent: Optional[int] = 2) -> str:

@@ -21,8 +21,8 @@ run of the part of the graph after it per column, and values are released after 
 :func:`measure_layer_harm` returns a :class:`LayerHarm` per layer (by node name) in a :class:`HarmMeasurement`, with
 the wall time of each step (float runs, weight columns, activation columns).
 
-:func:`estimated_harm_db` is the estimate without data: the layer's weight SQNR over the whole kernel (not its median
-channel), from :class:`~qfrewrite.analysis.channel_stats.LayerStats`.
+:func:`estimated_harm_db` is the estimate without data: the SQNR of the layer's median channel with quantized weights,
+from :class:`~qfrewrite.analysis.channel_stats.LayerStats`.
 """
 from __future__ import annotations
 
@@ -99,12 +99,11 @@ class HarmMeasurement:
 
 
 def estimated_harm_db(ls: LayerStats, granularity: str = "per_tensor") -> float:
-    """Without data: the SQNR of the whole quantized kernel, ``10 log10(sum W**2 / sum (W - W_q)**2)``.
-
-    With white inputs the noise a kernel adds to its output is proportional to ``sum (W - W_q)**2`` and its signal
-    to ``sum W**2``, so this is the layer's own output SQNR; unlike the median channel's SQNR it counts the noise
-    of every channel, the outliers' included. It knows nothing of what follows the layer."""
-    return float(ls.tensor_sqnr_db.get(granularity, float("nan")))
+    """Without data: the SQNR of the layer's median live channel with ``granularity`` weights (the figure the
+    channel statistics rank by). It knows nothing of what follows the layer, so it is an estimate: on MobileNetV2
+    its Spearman correlation with the measured output harm is about 0.5 (``benchmarks/bench_diagnose_rank.py``,
+    which also measures the estimates that were tried in its place and ranked worse)."""
+    return float(ls.sqnr_db.get(granularity, float("nan")))
 
 
 class _Segments:
@@ -358,71 +357,3 @@ def harm_legend(harm: Optional[HarmMeasurement]) -> str:
     return (f"{names}: SQNR (dB) of the graph outputs on {harm.images} image(s) with only this layer quantized: "
             + " / ".join(what[c] for c in harm.columns) + "\n")
 
-
-#: the longest forward walk from a layer to the weighted layers that read its channels
-_MAX_WALK = 16
-
-
-def _channel_readers(node: Node) -> List[Node]:
-    """The weighted layers that read ``node``'s output channel by channel: forward through channel-wise ops and
-    residual Adds (channel ``c`` stays channel ``c``), stopping at anything else."""
-    from ..ir import Op, is_channelwise
-
-    found: List[Node] = []
-    frontier, seen = [node.output], set()
-    for _ in range(_MAX_WALK):
-        nxt = []
-        for v in frontier:
-            for reader, idx in v.uses():
-                if reader.name in seen:
-                    continue
-                seen.add(reader.name)
-                if reader.op in WEIGHTED_OPS and idx == 0:
-                    found.append(reader)
-                elif is_channelwise(reader) and idx == 0 or (reader.op is Op.ADD and not any(
-                        i.is_const for i in reader.inputs)):
-                    nxt.append(reader.output)
-        if not nxt:
-            break
-        frontier = nxt
-    return found
-
-
-def _input_channel_gain(reader: Node) -> np.ndarray:
-    """``sum W**2`` per input channel of a weighted layer: the noise power gain of each channel it reads."""
-    from ..ir import Op
-
-    k = np.asarray(reader.weight.const, np.float64) ** 2
-    if reader.op is Op.DENSE:
-        return k.sum(axis=1)
-    return k.sum(axis=(0, 1, 3))
-
-
-def propagated_harm_db(graph: Graph, granularity: str = "per_tensor", method: str = "minmax",
-                       bits: int = 8) -> Dict[str, float]:
-    """Without data: each layer's weight SQNR with every output channel's signal and noise weighted by the power
-    gain of the layers that read it, ``10 log10(sum_c S_c g_c / sum_c N_c g_c)`` with ``S_c = sum W_c**2``,
-    ``N_c = sum (W_c - W_q,c)**2`` and ``g_c`` the sum over the reading layers (:func:`_channel_readers`) of their
-    ``sum W**2`` over the weights that read channel ``c`` (``g_c = 1`` where no layer reads the channels).
-
-    A channel whose weights are small but whose readers amplify it (a near-zero channel after per-tensor
-    rounding) then counts as much as it will at the next layer's output. ``graph``: BatchNorms folded."""
-    from ..numerics.kernels import out_channels_last
-    from ..ir import layer_kind
-
-    out: Dict[str, float] = {}
-    for node in graph.find(*WEIGHTED_OPS):
-        w = out_channels_last(np.asarray(node.weight.const, np.float64), layer_kind(node))
-        q = out_channels_last(np.asarray(quantized_kernel(node, weight_quant_attrs(node, granularity, method, bits)),
-                                         np.float64), layer_kind(node))
-        signal, noise = (w ** 2).sum(axis=0), ((w - q) ** 2).sum(axis=0)
-        gain = np.zeros_like(signal)
-        for reader in _channel_readers(node):
-            g = _input_channel_gain(reader)
-            if len(g) == len(gain):
-                gain += g
-        if not gain.any():
-            gain = np.ones_like(signal)
-        n = float(np.sum(noise * gain))
-        out[node.name] = math.inf if n == 0 else 10.0 * math.log10(max(float(np.sum(signal * gain)), 1e-30) / n)
-    return out
