@@ -218,7 +218,7 @@ class Diagnosis:
                 ("outl", "right"), ("zero", "right"), ("near0", "right"),
                 ("dB/T", "right"), ("dB/C", "right"), ("loss", "right")]
         cols += [(c, "right") for c in harm_columns(self.harm)]
-        if self.stats.with_activations:
+        if self.stats.with_activations and self.harm is None:  # the measured columns take their place
             cols += [("act range", "right"), ("act spread", "right")]
         cols.append(("fix", "left"))
         for name, just in cols:
@@ -229,7 +229,7 @@ class Diagnosis:
                    f"{ls.sqnr_db['per_tensor']:.1f}", f"{ls.sqnr_db['per_channel']:.1f}",
                    f"{ls.per_tensor_loss_db:.1f}"]
             row += harm_columns(self.harm, ls.name)
-            if self.stats.with_activations:
+            if self.stats.with_activations and self.harm is None:
                 row += [f"[{ls.act_min.min():.3g}, {ls.act_max.max():.3g}]", f"{ls.act_spread:.3g}"]
             row.append(" ".join(_CODES[s["pass"]] for s in layer_suggestions(ls)))
             t.add_row(*row)
