@@ -36,7 +36,6 @@ from typing import Any, Dict, List, Optional, Union
 
 from .analysis.channel_math import MIN_OUTLIER_RATIO
 from .analysis.channel_stats import ChannelStats, GraphChannelStats, LayerStats
-from .analysis.after_recipe import recipe_view
 from .analysis.layer_harm import HARM_IMAGES, HarmMeasurement, diagnosis_harm, harm_columns, harm_legend, ranked_layers
 from .calibration import as_calibration_set
 from .importers import load
@@ -313,7 +312,7 @@ def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=N
     (:mod:`qfrewrite.analysis.layer_harm`) and the layers are ranked by it for ``weights`` (``"per_tensor"`` or
     ``"per_channel"``); without, by an estimate from the weights alone. ``recipe="dfq"`` (needs data) diagnoses the
     graph the recipe's float rewrite leaves, with its bias correction applied to each quantized layer
-    (:mod:`qfrewrite.analysis.after_recipe`): which layers still hurt after it.
+    (:func:`qfrewrite.recipes.float_view`): which layers still hurt after it.
     """
     if weights not in GRANULARITIES:
         raise QfrewriteError(f"diagnose weights must be one of {GRANULARITIES}, got {weights!r}")
@@ -324,15 +323,20 @@ def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=N
     biases = None
     if recipe is not None:
         ctx.require_data(f"diagnose after the recipe {recipe!r}")
-        graph, biases = recipe_view(graph, ctx.data, spec or QuantSpec(), recipe)
+        from .recipes import float_view
+
+        graph, biases = float_view(graph, ctx.data, spec or QuantSpec(), recipe)
     stats = ctx.analysis(ChannelStats(fold_bn=True, activations="always" if ctx.data is not None else "never",
                                       bits=bits), graph)
     source = graph.meta.get("source") or (str(model) if isinstance(model, (str, os.PathLike)) else graph.name)
     data_info = None
     if ctx.data is not None:
         data_info = {"name": str(getattr(ctx.data, "name", "data")), "images": len(ctx.data)}
-    measured = (diagnosis_harm(graph, ctx, stats, bits, harm_images, biases) if ctx.data is not None and harm
-                else None)
+    measured = None
+    if ctx.data is not None and harm:
+        folded = graph.copy()
+        FoldBatchNorm().run(folded, Context())
+        measured = diagnosis_harm(graph, folded, ctx, stats, bits, harm_images, biases)
     result = Diagnosis(source=str(source), format=graph.meta.get("format"), stats=stats,
                        batchnorms=len(graph.find(Op.BATCH_NORM)), data=data_info, bits=bits, harm=measured,
                        weights=weights, recipe=recipe)

@@ -298,15 +298,14 @@ def measure_layer_harm(graph: Graph, batches: Iterable[np.ndarray], *,
     return HarmMeasurement(out, images, columns, seconds)
 
 
-def diagnosis_harm(graph: Graph, ctx, stats, bits: int = 8, limit: Optional[int] = None,
+def diagnosis_harm(graph: Graph, folded: Graph, ctx, stats, bits: int = 8, limit: Optional[int] = None,
                    biases: Optional[Mapping[Tuple[str, str], np.ndarray]] = None) -> HarmMeasurement:
-    """:func:`measure_layer_harm` for ``qfrewrite diagnose``: on a copy of ``graph`` with its BatchNorms folded, on
+    """:func:`measure_layer_harm` for ``qfrewrite diagnose``: on ``folded``, a copy of ``graph`` with its BatchNorms
+    folded (by :class:`FoldBatchNorm`), on
     the context's calibration data (at most ``limit`` images), with the spec's weight method and ``bits``, and each
     layer's activation range chosen by the spec's method from the observer statistics the diagnosis already
     gathered (``stats``: its :class:`~qfrewrite.analysis.channel_stats.GraphChannelStats`; graph outputs take
     min/max, as :class:`InsertFakeQuant` does). ``biases``: as :func:`measure_layer_harm`'s."""
-    from ..pass_infra import Context
-    from ..passes import FoldBatchNorm
     from ..quant.observers import activation_stats
     from ..quant.ranges import activation_attrs
 
@@ -320,8 +319,6 @@ def diagnosis_harm(graph: Graph, ctx, stats, bits: int = 8, limit: Optional[int]
         if ls.act_tensor in observed:
             method = "minmax" if ls.act_tensor in outputs else spec.activations
             act_ranges[ls.name] = activation_attrs(observed[ls.act_tensor], method, spec.activation_bits)
-    folded = graph.copy()
-    FoldBatchNorm().run(folded, Context())
     return measure_layer_harm(folded, data.batches(), act_ranges=act_ranges, method=spec.weight_method, bits=bits,
                               layers=[n for n in stats if n in {x.name for x in folded.find(*WEIGHTED_OPS)}],
                               limit=limit, biases=biases)
