@@ -212,7 +212,7 @@ class Diagnosis:
                  if self.harm is not None else
                  f"layers ranked by how badly {w} {self.bits}-bit weights hurt them, estimated from the weights "
                  f"(top {top})")
-        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=self.harm is not None)
         cols = [("#", "right"), ("layer", "left"), ("op", "left"), ("ch", "right"), ("spread", "right"),
                 ("outl", "right"), ("zero", "right"), ("near0", "right"),
                 ("dB/T", "right"), ("dB/C", "right"), ("loss", "right")]
@@ -221,7 +221,9 @@ class Diagnosis:
             cols += [("act range", "right"), ("act spread", "right")]
         cols.append(("fix", "left"))
         for name, just in cols:
-            t.add_column(name, justify=just, no_wrap=name != "layer", overflow="fold")
+            t.add_column(name, justify=just, no_wrap=name not in ("layer", "fix"), overflow="fold",
+                         min_width=min(48, max(len(ls.source_name) for ls in self.stats.values()))
+                         if name == "layer" and len(self.stats) else None)
         for rank, ls in enumerate(self.ranked()[:top], 1):
             row = [str(rank), ls.source_name, _OPS.get(ls.op, ls.op), str(ls.channels), f"{ls.spread:.3g}",
                    str(len(ls.outlier_channels)), str(len(ls.zero_channels)), str(len(ls.near_zero_channels)),
