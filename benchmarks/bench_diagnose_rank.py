@@ -11,8 +11,9 @@ between ``diagnose``'s rank (1 = worst) and the ground-truth SQNR (low = bad), p
 
 * ``measured``: ``diagnose(model, data)``, harm measured on ``harm_images`` of its images (each value of
   ``--harm-images``);
-* ``no data``: ``diagnose(model)``: the ranking without data (the median channel's weight SQNR), and two estimates
-  tried in its place: the SQNR of the whole kernel, and the same with each output channel's signal and noise
+* ``no data``: ``diagnose(model)``: the ranking without data (the median channel's weight SQNR);
+  ``diagnose(model, noise_images=8)``: the harm measured on Gaussian-noise inputs; and two weight-only estimates
+  tried in place of the median channel: the SQNR of the whole kernel, and the same with each output channel's signal and noise
   weighted by the power gain of the layers that read it (:func:`propagated_harm_db`);
 
 and the wall time of ``diagnose`` with data beside one float forward pass over the same images in the same run
@@ -45,6 +46,8 @@ from benchmarks.common import MODELS, SHARED, split_images  # noqa: E402
 log = logging.getLogger("bench_diagnose_rank")
 
 GRANULARITIES = ("per_tensor", "per_channel")
+#: Gaussian-noise inputs of the no-data estimate ``diagnose(model, noise_images=...)``
+NOISE_IMAGES = 8
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
@@ -197,11 +200,15 @@ def bench_model(key: str, n: int, harm_images: Sequence[int], truth_cache: Dict)
     row: Dict = {"model": key, "layers": len(truth["per_tensor"]), "images": {"diagnose": len(calib),
                                                                              "truth": len(evals)}}
     plain = diagnose(graph)
+    t0 = time.perf_counter()
+    noisy = diagnose(graph, noise_images=NOISE_IMAGES)
+    row["noise_seconds"] = round(time.perf_counter() - t0, 2)
     row["no_data"] = {}
     for g in GRANULARITIES:
         prop = propagated_harm_db(folded, g)
         row["no_data"][g] = {
             "median_channel": correlation(ranked_layers(plain.stats, None, g), truth[g]),
+            "noise": correlation(ranked_layers(noisy.stats, noisy.harm, g), truth[g]),
             "whole_kernel": correlation(sorted(plain.stats.values(), key=lambda ls: ls.tensor_sqnr_db[g]), truth[g]),
             "propagated": correlation(sorted(plain.stats.values(), key=lambda ls: prop[ls.name]), truth[g])}
     row["measured"] = []
@@ -240,13 +247,13 @@ def main(argv=None) -> int:
     for key in args.models:
         rows.append(bench_model(key, args.images, args.harm_images, cache))
         args.truth.write_text(json.dumps(cache, indent=1))
-    print("| model | layers | no data: median channel T / C | whole kernel T / C | propagated T / C | "
-          "harm images | measured T / C | diagnose s | float fwd s | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| model | layers | no data: median channel T / C | noise ({NOISE_IMAGES} inputs) T / C | whole kernel T / C "
+          "| propagated T / C | harm images | measured T / C | diagnose s | float fwd s | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         nd = r["no_data"]
         cells = " | ".join(f"{nd['per_tensor'][k]:.3f} / {nd['per_channel'][k]:.3f}"
-                           for k in ("median_channel", "whole_kernel", "propagated"))
+                           for k in ("median_channel", "noise", "whole_kernel", "propagated"))
         for e in r["measured"]:
             print(f"| {r['model']} | {r['layers']} | {cells} | {e['harm_images']} | {e['per_tensor']:.3f} / "
                   f"{e['per_channel']:.3f} | {e['seconds']} | {e['float_forward_seconds']} | "

@@ -262,12 +262,15 @@ def main(verbose: int) -> None:
               help="The weight granularity the layers are ranked for.")
 @click.option("--harm-images", type=click.IntRange(0), default=16, show_default=True, metavar="N",
               help="With --data: measure each layer's harm to the outputs on the first N images (0: do not).")
+@click.option("--noise-images", type=click.IntRange(0), default=0, show_default=True, metavar="N",
+              help="Without --data: estimate each layer's harm to the outputs on N Gaussian-noise inputs (ranks "
+                   "much closer to the harm on real images than the weights alone; 0: weights only).")
 @click.option("--after", "after", type=click.Choice(["dfq"]), default=None,
               help="Diagnose the graph this recipe's float rewrite leaves (needs --data): which layers still hurt.")
 @input_shape_option
 @reports_errors
 def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_path, top, bits, weights, harm_images,
-             after, input_shape) -> None:
+             noise_images, after, input_shape) -> None:
     """Rank the layers of MODEL by how badly per-tensor 8-bit weights would hurt them, name their outlier and dead
     channels (with the BatchNorm scales behind them) and suggest the passes that fix them.
 
@@ -286,7 +289,7 @@ def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_pa
         result = run_diagnose(model, data, preprocess=parse_preprocess(preprocess), limit=limit,
                               batch_size=batch_size, bits=bits, input_shape=input_shape,
                               weights=weights.replace("-", "_"), harm=harm_images > 0,
-                              harm_images=harm_images or None, recipe=after)
+                              harm_images=harm_images or None, recipe=after, noise_images=noise_images)
         out = console()
         for r in result.renderables(top):
             out.print(r)

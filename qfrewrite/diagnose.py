@@ -36,7 +36,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from .analysis.channel_math import MIN_OUTLIER_RATIO
 from .analysis.channel_stats import ChannelStats, GraphChannelStats, LayerStats
-from .analysis.layer_harm import HARM_IMAGES, HarmMeasurement, diagnosis_harm, harm_columns, harm_legend, ranked_layers
+from .analysis.layer_harm import (HARM_IMAGES, HarmMeasurement, diagnosis_harm, harm_columns, harm_legend,
+                                  measure_layer_harm, noise_inputs, ranked_layers)
 from .calibration import as_calibration_set
 from .importers import load
 from .io_utils import one_output
@@ -169,6 +170,10 @@ class Diagnosis:
         """What the layers are ranked by: ``measured`` (the output SQNR of each layer quantized alone, on data) or
         an estimate from the weights alone."""
         w = self.weights.replace("_", "-")
+        if self.harm is not None and self.harm.inputs == "noise":
+            return {"by": f"estimate without data: output SQNR with only this layer's {w} {self.bits}-bit weights "
+                          f"quantized, on {self.harm.images} Gaussian-noise inputs", "measured": False,
+                    **self.harm.to_dict()}
         if self.harm is not None:
             return {"by": f"output SQNR with only this layer's {w} {self.bits}-bit weights quantized",
                     "measured": True, **self.harm.to_dict()}
@@ -199,7 +204,8 @@ class Diagnosis:
     def header(self) -> str:
         bn = f"{self.batchnorms} BatchNorm(s) folded in this view" if self.batchnorms else "no BatchNorm in the graph"
         data = (f"activations from {self.data['images']} image(s) of {self.data['name']}" if self.data
-                else "no data: weights only, the ranking is an estimate")
+                else f"no data: the ranking is an estimate on {self.harm.images} Gaussian-noise inputs"
+                if self.harm is not None else "no data: weights only, the ranking is an estimate")
         after = f"after {self.recipe}'s rewrite; " if self.recipe else ""
         return f"{self.source} ({self.format or 'graph'}; {after}{len(self.stats)} weighted layers; {bn}; {data})"
 
@@ -208,7 +214,10 @@ class Diagnosis:
         from rich.table import Table
 
         w = self.weights.replace("_", "-")
-        title = (f"layers ranked by the measured harm of {w} {self.bits}-bit weights to the outputs (top {top})"
+        noise = self.harm is not None and self.harm.inputs == "noise"
+        title = (f"layers ranked by the harm of {w} {self.bits}-bit weights to the outputs, estimated on "
+                 f"Gaussian-noise inputs (top {top})" if noise else
+                 f"layers ranked by the measured harm of {w} {self.bits}-bit weights to the outputs (top {top})"
                  if self.harm is not None else
                  f"layers ranked by how badly {w} {self.bits}-bit weights hurt them, estimated from the weights "
                  f"(top {top})")
@@ -304,7 +313,8 @@ class Diagnosis:
 def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=None, limit: Optional[int] = None,
              batch_size: int = 32, bits: Optional[int] = None, inputs=None, outputs=None,
              input_shape=None, weights: str = "per_tensor", harm: bool = True,
-             harm_images: Optional[int] = HARM_IMAGES, recipe: Optional[str] = None) -> Diagnosis:
+             harm_images: Optional[int] = HARM_IMAGES, recipe: Optional[str] = None,
+             noise_images: int = 0) -> Diagnosis:
     """Diagnose ``model`` (anything :func:`qfrewrite.load` reads, or a :class:`Graph`, which is copied).
 
     ``data`` (an image folder, an array or batches; ``preprocess`` and ``limit`` as in :func:`qfrewrite.rewrite`) adds
@@ -314,7 +324,9 @@ def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=N
     (:mod:`qfrewrite.analysis.layer_harm`) and the layers are ranked by it for ``weights`` (``"per_tensor"`` or
     ``"per_channel"``); without, by an estimate from the weights alone. ``recipe="dfq"`` (needs data) diagnoses the
     graph the recipe's float rewrite leaves, with its bias correction applied to each quantized layer
-    (:func:`qfrewrite.recipes.float_view`): which layers still hurt after it.
+    (:func:`qfrewrite.recipes.float_view`): which layers still hurt after it. Without data, ``noise_images`` > 0
+    estimates the harm on that many Gaussian-noise inputs (:func:`~qfrewrite.analysis.layer_harm.noise_inputs`,
+    weights only) and ranks by it.
     """
     if weights not in GRANULARITIES:
         raise QfrewriteError(f"diagnose weights must be one of {GRANULARITIES}, got {weights!r}")
@@ -335,10 +347,15 @@ def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=N
     if ctx.data is not None:
         data_info = {"name": str(getattr(ctx.data, "name", "data")), "images": len(ctx.data)}
     measured = None
-    if ctx.data is not None and harm:
+    if harm and (ctx.data is not None or noise_images > 0):
         folded = graph.copy()
         FoldBatchNorm().run(folded, Context())
-        measured = diagnosis_harm(graph, folded, ctx, stats, bits, harm_images, biases)
+        if ctx.data is not None:
+            measured = diagnosis_harm(graph, folded, ctx, stats, bits, harm_images, biases)
+        else:
+            method = (spec or QuantSpec()).resolved().weight_method
+            measured = measure_layer_harm(folded, [noise_inputs(folded, noise_images)], method=method, bits=bits,
+                                          layers=[n for n in stats], inputs="noise")
     result = Diagnosis(source=str(source), format=graph.meta.get("format"), stats=stats,
                        batchnorms=len(graph.find(Op.BATCH_NORM)), data=data_info, bits=bits, harm=measured,
                        weights=weights, recipe=recipe)

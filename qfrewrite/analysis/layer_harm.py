@@ -44,7 +44,7 @@ from ..quant.observers import chunk_size
 from ..quant.weights import GRANULARITIES, quantized_kernel, weight_quant_attrs
 from .channel_stats import LayerStats, activation_tensor
 
-__all__ = ["LayerHarm", "HarmMeasurement", "measure_layer_harm", "estimated_harm_db", "diagnosis_harm",
+__all__ = ["LayerHarm", "HarmMeasurement", "measure_layer_harm", "estimated_harm_db", "diagnosis_harm", "noise_inputs",
            "ranked_layers", "harm_columns", "harm_legend", "COLUMNS", "HARM_IMAGES"]
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,8 @@ class HarmMeasurement:
     images: int
     columns: Tuple[str, ...]
     seconds: Dict[str, float] = field(default_factory=dict)
+    #: ``"data"``, or ``"noise"`` for Gaussian-noise inputs (:func:`noise_inputs`): an estimate without data
+    inputs: str = "data"
 
     def ranked(self, column: str = "per_tensor") -> List[LayerHarm]:
         """Layers from the most harmful (lowest output SQNR in ``column``) to the least; unmeasured last."""
@@ -98,8 +100,25 @@ class HarmMeasurement:
         return sorted(self.layers.values(), key=key)
 
     def to_dict(self) -> Dict[str, object]:
-        return {"images": self.images, "columns": list(self.columns),
+        return {"images": self.images, "inputs": self.inputs, "columns": list(self.columns),
                 "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
+
+
+def noise_inputs(graph: Graph, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` inputs for ``graph`` that are standard normal where the model's own normalisation puts them: after a
+    leading ``Normalize`` (``x * scale + offset``, a model that takes raw pixels) when the input's only reader is
+    one, else at the input itself (a model fed normalised images). Without data, the layer harm measured on them
+    ranks the layers far better than the weights alone (``benchmarks/bench_diagnose_rank.py``)."""
+    from ..ir import Op, sole_reader
+
+    v = graph.inputs[0]
+    if any(d is None for d in v.shape[1:]):
+        raise DataError(f"noise inputs need a fixed input shape; {v.name} is {tuple(v.shape)}: give input_shape")
+    z = np.random.default_rng(seed).standard_normal((int(n), *v.shape[1:]))
+    norm = sole_reader(v)
+    if norm is not None and norm.op is Op.NORMALIZE:
+        z = (z - np.asarray(norm.attrs.offset, np.float64)) / np.asarray(norm.attrs.scale, np.float64)
+    return z.astype(np.float32)
 
 
 def estimated_harm_db(ls: LayerStats, granularity: str = "per_tensor") -> float:
@@ -207,7 +226,8 @@ def measure_layer_harm(graph: Graph, batches: Iterable[np.ndarray], *,
                        granularities: Sequence[str] = GRANULARITIES, method: str = "minmax", bits: int = 8,
                        layers: Optional[Sequence[str]] = None, limit: Optional[int] = None,
                        chunk: Optional[int] = None,
-                       biases: Optional[Mapping[Tuple[str, str], np.ndarray]] = None) -> HarmMeasurement:
+                       biases: Optional[Mapping[Tuple[str, str], np.ndarray]] = None,
+                       inputs: str = "data") -> HarmMeasurement:
     """Measure the output SQNR of each weighted layer quantized alone (see the module docstring).
 
     ``graph``: single-input, BatchNorms folded (fold a copy with :class:`FoldBatchNorm` first: the weights are
@@ -217,7 +237,8 @@ def measure_layer_harm(graph: Graph, batches: Iterable[np.ndarray], *,
     :func:`weight_quant_attrs`). ``layers``: node names to measure (default: every weighted layer). ``limit``: use at
     most this many images. ``chunk``: images per float run (default: as many as keep one run's values near 512 MB).
     ``biases``: ``{(layer, granularity): bias}`` used with that layer's quantized kernel (a bias corrected for its
-    quantization, e.g. by :class:`CorrectBias`); the float runs keep the graph's biases.
+    quantization, e.g. by :class:`CorrectBias`); the float runs keep the graph's biases. ``inputs``: what the
+    batches are (``"data"``, or ``"noise"`` from :func:`noise_inputs`), recorded in the result.
     """
     import tensorflow as tf
 
@@ -295,7 +316,7 @@ def measure_layer_harm(graph: Graph, batches: Iterable[np.ndarray], *,
                                    act_range=None if fq is None else (float(fq.lo[0]), float(fq.hi[0])))
     log.info("layer harm of %d layers on %d images in %.1f s (%s)", len(out), images, sum(seconds.values()),
              ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
-    return HarmMeasurement(out, images, columns, seconds)
+    return HarmMeasurement(out, images, columns, seconds, inputs)
 
 
 def diagnosis_harm(graph: Graph, folded: Graph, ctx, stats, bits: int = 8, limit: Optional[int] = None,
@@ -355,6 +376,7 @@ def harm_legend(harm: Optional[HarmMeasurement]) -> str:
     names = " / ".join(_SHORT[c] for c in harm.columns)
     what = {"per_tensor": "its weights per tensor", "per_channel": "its weights per channel",
             "activations": "its output activation"}
-    return (f"{names}: SQNR (dB) of the graph outputs on {harm.images} image(s) with only this layer quantized: "
+    on = f"{harm.images} image(s)" if harm.inputs == "data" else f"{harm.images} Gaussian-noise input(s) (no data)"
+    return (f"{names}: SQNR (dB) of the graph outputs on {on} with only this layer quantized: "
             + " / ".join(what[c] for c in harm.columns) + "\n")
 

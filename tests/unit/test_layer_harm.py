@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from qfrewrite.analysis.layer_harm import estimated_harm_db, measure_layer_harm, ranked_layers
+from qfrewrite.analysis.layer_harm import estimated_harm_db, measure_layer_harm, noise_inputs, ranked_layers
 from qfrewrite.backend.executor import run_graph
 from qfrewrite.diagnose import diagnose
 from qfrewrite.errors import QfrewriteError
@@ -164,3 +164,31 @@ def test_diagnose_without_data_says_the_ranking_is_an_estimate(graph_and_data):
     assert [ls.name for ls in d.ranked()] == [ls.name for ls in ranked_layers(d.stats, None)]
     with pytest.raises(QfrewriteError, match="per_tensor"):
         diagnose(g, weights="per-tensor")
+
+
+def test_without_data_noise_inputs_estimate_the_harm(graph_and_data):
+    g, _ = graph_and_data
+    d = diagnose(g, noise_images=6)
+    assert d.harm is not None and d.harm.inputs == "noise" and d.harm.images == 6
+    assert d.harm.columns == ("per_tensor", "per_channel")  # no activation ranges without data
+    # the branch scaled by 1e-3 is found harmless on noise too, where the weights alone rank it worst
+    assert d.ranked()[-1].name == "quiet" and ranked_layers(d.stats, None)[0].name == "quiet"
+    j = d.to_dict()
+    assert j["ranking"]["measured"] is False and j["ranking"]["inputs"] == "noise"
+    assert "estimate" in j["ranking"]["by"] and "noise" in j["ranking"]["by"]
+    text = d.render()
+    assert "Gaussian-noise" in text and "estimated on" in text and "out W/T" in text
+
+
+def test_noise_inputs_are_standard_normal_after_the_models_own_normalisation(rng):
+    from qfrewrite.ir import NormalizeAttrs
+
+    g = planted_branch_graph(rng)
+    z = noise_inputs(g, 64)
+    assert z.shape == (64, 8, 8, 3) and abs(z.mean()) < 0.05 and abs(z.std() - 1) < 0.05
+    raw = Graph("raw")
+    x = raw.add_input("pixels", (None, 4, 4, 3))
+    y = raw.add_node(Op.NORMALIZE, [x], NormalizeAttrs((1 / 127.5,) * 3, (-1.0,) * 3)).output
+    raw.outputs = [y]
+    z = noise_inputs(raw, 64)
+    assert abs(z.mean() - 127.5) < 5 and abs(z.std() - 127.5) < 5  # pixels whose normalised values are N(0, 1)
