@@ -81,6 +81,10 @@ def test_diagnose_after_dfq_and_without_the_harm(model_file, image_dir, tmp_path
     assert not d["ranking"]["measured"] and "out W/T" not in r.output and "act range" in r.output
     r = CliRunner().invoke(main, ["diagnose", str(model_file), "--after", "dfq"])
     assert r.exit_code == 1 and "needs calibration data" in r.output
+    r = CliRunner().invoke(main, ["diagnose", str(model_file), "--noise-images", "3", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(js.read_text())
+    assert d["ranking"]["inputs"] == "noise" and not d["ranking"]["measured"] and "Gaussian-noise" in r.output
 
 
 @pytest.mark.parametrize("content", [None, b"\x00garbage", b""])
