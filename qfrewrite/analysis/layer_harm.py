@@ -26,7 +26,8 @@ instead is about 4x slower on MobileNetV2.
 the wall time of each step (float runs, weight columns, activation columns).
 
 :func:`estimated_harm_db` is the estimate without data: the SQNR of the layer's median channel with quantized weights,
-from :class:`~qfrewrite.analysis.channel_stats.LayerStats`.
+from :class:`~qfrewrite.analysis.channel_stats.LayerStats`. :func:`noise_inputs` gives Gaussian-noise inputs on which
+the harm can be measured without data, a far better estimate at the cost of the measurement.
 """
 from __future__ import annotations
 
