@@ -258,15 +258,27 @@ def main(verbose: int) -> None:
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1),
               help="How many of the ranked layers to print (and plot: at most 8).")
 @click.option("--bits", default=8, show_default=True, type=click.IntRange(2, 16), help="Weight bit width.")
+@click.option("--weights", type=click.Choice(["per-tensor", "per-channel"]), default="per-tensor", show_default=True,
+              help="The weight granularity the layers are ranked for.")
+@click.option("--harm-images", type=click.IntRange(0), default=16, show_default=True, metavar="N",
+              help="With --data: measure each layer's harm to the outputs on the first N images (0: do not).")
+@click.option("--noise-images", type=click.IntRange(0), default=0, show_default=True, metavar="N",
+              help="Without --data: estimate each layer's harm to the outputs on N Gaussian-noise inputs (ranks "
+                   "much closer to the harm on real images than the weights alone; 0: weights only).")
+@click.option("--after", "after", type=click.Choice(["dfq"]), default=None,
+              help="Diagnose the graph this recipe's float rewrite leaves (needs --data): which layers still hurt.")
 @input_shape_option
 @reports_errors
-def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_path, top, bits, input_shape) -> None:
+def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_path, top, bits, weights, harm_images,
+             noise_images, after, input_shape) -> None:
     """Rank the layers of MODEL by how badly per-tensor 8-bit weights would hurt them, name their outlier and dead
     channels (with the BatchNorm scales behind them) and suggest the passes that fix them.
 
     MODEL: a Keras .keras/.h5 file, an ONNX file, a TF frozen GraphDef .pb, a SavedModel folder or a .tflite. With
-    --data the per-channel activation ranges are measured too. A quantized .tflite is reported as stored: its scales
-    and the levels each channel's weights use.
+    --data the per-channel activation ranges are measured too, and each layer's harm to the outputs (the SQNR of the
+    outputs with only that layer's weights, or its output activation, quantized), which then ranks the layers;
+    without data the ranking is an estimate from the weights alone. A quantized .tflite is reported as stored: its
+    scales and the levels each channel's weights use.
     """
     from .diagnose import diagnose as run_diagnose
     from .images import folder_reads
@@ -276,7 +288,9 @@ def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_pa
         json_out = outs.add(json_path, "--json") if json_path else None
         plot_out = outs.add(plot_path, "--plot") if plot_path else None
         result = run_diagnose(model, data, preprocess=parse_preprocess(preprocess), limit=limit,
-                              batch_size=batch_size, bits=bits, input_shape=input_shape)
+                              batch_size=batch_size, bits=bits, input_shape=input_shape,
+                              weights=weights.replace("-", "_"), harm=harm_images > 0,
+                              harm_images=harm_images or None, recipe=after, noise_images=noise_images)
         out = console()
         for r in result.renderables(top):
             out.print(r)

@@ -41,6 +41,8 @@ from typing import Any, Dict, List, Optional, Union
 
 from .analysis.channel_math import MIN_OUTLIER_RATIO
 from .analysis.channel_stats import ChannelStats, GraphChannelStats, LayerStats
+from .analysis.layer_harm import (HARM_IMAGES, HarmMeasurement, diagnosis_harm, harm_columns, harm_legend,
+                                  measure_layer_harm, noise_inputs, ranked_layers)
 from .analysis.tflite_int8 import Int8Diagnosis, diagnose_int8_tflite, is_quantized_tflite
 from .calibration import as_calibration_set
 from .importers import load
@@ -48,6 +50,8 @@ from .io_utils import one_output
 from .ir import Op
 from .pass_infra import Context, ordered
 from .passes import CorrectBias, CrossLayerEqualization, FoldBatchNorm, FoldDeadChannels
+from .errors import QfrewriteError
+from .quant.weights import GRANULARITIES
 from .spec import QuantSpec
 
 __all__ = ["HURT_DB", "Diagnosis", "diagnose", "layer_suggestions"]
@@ -112,9 +116,14 @@ class Diagnosis:
     bits: int = 8
     #: BatchNorms were folded in the source file (a float .tflite): no BN scale is known to explain an outlier
     bn_folded_in_source: bool = False
+    #: the measured output harm of each layer quantized alone (with data), and the weight granularity ranked by
+    harm: Optional[HarmMeasurement] = None
+    weights: str = "per_tensor"
+    #: the recipe whose float rewrite was diagnosed (``None``: the model as it is)
+    recipe: Optional[str] = None
 
     def ranked(self) -> List[LayerStats]:
-        return self.stats.ranked()
+        return ranked_layers(self.stats, self.harm, self.weights)
 
     def suggestions(self) -> List[Dict[str, Any]]:
         """The passes to try, in the order their contracts put them, each with the layers (source names) it
@@ -149,9 +158,11 @@ class Diagnosis:
         for rank, ls in enumerate(self.ranked(), 1):
             d = {"rank": rank, **ls.to_dict(per_channel=per_channel), "hurt": _hurt(ls),
                  "suggestions": layer_suggestions(ls)}
+            if self.harm is not None and ls.name in self.harm.layers:
+                d.update(self.harm.layers[ls.name].to_dict())
             layers.append(d)
         return jsonable({
-            "model": self.source, "format": self.format, "bits": self.bits,
+            "model": self.source, "format": self.format, "bits": self.bits, "after_recipe": self.recipe,
             "view": "weights as quantized: BatchNorm folded into the layer before it",
             "batchnorms_in_graph": self.batchnorms, "data": self.data,
             "batchnorm_folded_in_source": self.bn_folded_in_source,
@@ -160,8 +171,24 @@ class Diagnosis:
                       "near_zero": f"0 < range < median / {2 ** self.bits - 1}",
                       "caused_by_bn": "|bn_scale| / median |bn_scale| >= sqrt(range / median range)",
                       "hurt": f"per-tensor loss >= {HURT_DB:.2f} dB on the median channel"},
+            "ranking": self.ranking(),
             "totals": self.stats.totals(), "layers": layers, "suggestions": self.suggestions(),
         })
+
+    def ranking(self) -> Dict[str, Any]:
+        """What the layers are ranked by: ``measured`` (the output SQNR of each layer quantized alone, on data) or
+        an estimate from the weights alone."""
+        w = self.weights.replace("_", "-")
+        if self.harm is not None and self.harm.inputs == "noise":
+            return {"by": f"estimate without data: output SQNR with only this layer's {w} {self.bits}-bit weights "
+                          f"quantized, on {self.harm.images} Gaussian-noise inputs", "measured": False,
+                    **self.harm.to_dict()}
+        if self.harm is not None:
+            return {"by": f"output SQNR with only this layer's {w} {self.bits}-bit weights quantized",
+                    "measured": True, **self.harm.to_dict()}
+        return {"by": f"estimate from the weights alone: SQNR of the median channel with {w} {self.bits}-bit "
+                      "weights (no data)",
+                "measured": False}
 
     def to_json(self, path: Union[str, os.PathLike, None] = None, indent: Optional[int] = 2) -> str:
         """The JSON text; written atomically to ``path`` when given."""
@@ -189,29 +216,42 @@ class Diagnosis:
             bn = ("BatchNorm folded in the source file: outliers are explained from the weights alone; their cause "
                   "cannot be attributed to a BN scale")
         data = (f"activations from {self.data['images']} image(s) of {self.data['name']}" if self.data
-                else "no data: weights only")
-        return f"{self.source} ({self.format or 'graph'}; {len(self.stats)} weighted layers; {bn}; {data})"
+                else f"no data: the ranking is an estimate on {self.harm.images} Gaussian-noise inputs"
+                if self.harm is not None else "no data: weights only, the ranking is an estimate")
+        after = f"after {self.recipe}'s rewrite; " if self.recipe else ""
+        return f"{self.source} ({self.format or 'graph'}; {after}{len(self.stats)} weighted layers; {bn}; {data})"
 
     def _table(self, top: int):
         from rich import box
         from rich.table import Table
 
-        t = Table(title=f"layers ranked by how badly per-tensor {self.bits}-bit weights hurt them (top {top})",
-                  title_justify="left", box=box.SIMPLE_HEAD)
+        w = self.weights.replace("_", "-")
+        noise = self.harm is not None and self.harm.inputs == "noise"
+        title = (f"layers ranked by the harm of {w} {self.bits}-bit weights to the outputs, estimated on "
+                 f"Gaussian-noise inputs (top {top})" if noise else
+                 f"layers ranked by the measured harm of {w} {self.bits}-bit weights to the outputs (top {top})"
+                 if self.harm is not None else
+                 f"layers ranked by how badly {w} {self.bits}-bit weights hurt them, estimated from the weights "
+                 f"(top {top})")
+        t = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, collapse_padding=self.harm is not None)
         cols = [("#", "right"), ("layer", "left"), ("op", "left"), ("ch", "right"), ("spread", "right"),
                 ("outl", "right"), ("zero", "right"), ("near0", "right"),
                 ("dB/T", "right"), ("dB/C", "right"), ("loss", "right")]
-        if self.stats.with_activations:
+        cols += [(c, "right") for c in harm_columns(self.harm)]
+        if self.stats.with_activations and self.harm is None:  # the measured columns take their place
             cols += [("act range", "right"), ("act spread", "right")]
         cols.append(("fix", "left"))
         for name, just in cols:
-            t.add_column(name, justify=just, no_wrap=name != "layer", overflow="fold")
+            t.add_column(name, justify=just, no_wrap=name not in ("layer", "fix"), overflow="fold",
+                         min_width=min(48, max(len(ls.source_name) for ls in self.stats.values()))
+                         if name == "layer" and len(self.stats) else None)
         for rank, ls in enumerate(self.ranked()[:top], 1):
             row = [str(rank), ls.source_name, _OPS.get(ls.op, ls.op), str(ls.channels), f"{ls.spread:.3g}",
                    str(len(ls.outlier_channels)), str(len(ls.zero_channels)), str(len(ls.near_zero_channels)),
                    f"{ls.sqnr_db['per_tensor']:.1f}", f"{ls.sqnr_db['per_channel']:.1f}",
                    f"{ls.per_tensor_loss_db:.1f}"]
-            if self.stats.with_activations:
+            row += harm_columns(self.harm, ls.name)
+            if self.stats.with_activations and self.harm is None:
                 row += [f"[{ls.act_min.min():.3g}, {ls.act_max.max():.3g}]", f"{ls.act_spread:.3g}"]
             row.append(" ".join(_CODES[s["pass"]] for s in layer_suggestions(ls)))
             t.add_row(*row)
@@ -249,6 +289,7 @@ class Diagnosis:
 
         legend = ("dB/T, dB/C: SQNR of the median live channel with symmetric weights per tensor / per channel; "
                   "loss: dB/C - dB/T; outl, zero, near0: outlier, all-zero, near-zero channels\n"
+                  + harm_legend(self.harm) +
                   "fix: " + ", ".join(f"{v} {k}" for k, v in _CODES.items()))
         out: list = [Text(self.header()), self._table(top), Text(legend)]
         details = self._details(top)
@@ -285,30 +326,59 @@ class Diagnosis:
 
 def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=None, limit: Optional[int] = None,
              batch_size: int = 32, bits: Optional[int] = None, inputs=None, outputs=None,
-             input_shape=None) -> Union[Diagnosis, Int8Diagnosis]:
+             input_shape=None, weights: str = "per_tensor", harm: bool = True,
+             harm_images: Optional[int] = HARM_IMAGES, recipe: Optional[str] = None,
+             noise_images: int = 0) -> Union[Diagnosis, Int8Diagnosis]:
     """Diagnose ``model`` (anything :func:`qfrewrite.load` reads, or a :class:`Graph`, which is copied).
 
     ``data`` (an image folder, an array or batches; ``preprocess`` and ``limit`` as in :func:`qfrewrite.rewrite`) adds
     per-channel activation ranges from the streaming observers. ``spec`` is the quantization to diagnose for (its
     weight bits; default 8); ``bits`` overrides the weight bit width (2..16, beyond what the int8 targets run).
+    With data (and ``harm``) each layer's harm to the outputs is measured on at most ``harm_images`` of the images
+    (:mod:`qfrewrite.analysis.layer_harm`) and the layers are ranked by it for ``weights`` (``"per_tensor"`` or
+    ``"per_channel"``); without, by an estimate from the weights alone. ``recipe="dfq"`` (needs data) diagnoses the
+    graph the recipe's float rewrite leaves, with its bias correction applied to each quantized layer
+    (:func:`qfrewrite.recipes.float_view`): which layers still hurt after it. Without data, ``noise_images`` > 0
+    estimates the harm on that many Gaussian-noise inputs (:func:`~qfrewrite.analysis.layer_harm.noise_inputs`,
+    weights only) and ranks by it.
+
     A quantized ``.tflite`` gives an :class:`~qfrewrite.analysis.tflite_int8.Int8Diagnosis` (``data`` unused).
     """
     if is_quantized_tflite(model):
         if data is not None:
             log.warning("%s is quantized: its report reads the stored scales and codes; --data is not used", model)
         return diagnose_int8_tflite(model, bits=int(bits) if bits is not None else 8)
+    if weights not in GRANULARITIES:
+        raise QfrewriteError(f"diagnose weights must be one of {GRANULARITIES}, got {weights!r}")
     graph = load(model, inputs=inputs, outputs=outputs, input_shape=input_shape)
     bits = int(bits) if bits is not None else (spec or QuantSpec()).resolved().weight_bits
     ctx = Context(data=as_calibration_set(data, graph, batch_size=batch_size, preprocess=preprocess, limit=limit),
                   spec=spec)
+    biases = None
+    if recipe is not None:
+        ctx.require_data(f"diagnose after the recipe {recipe!r}")
+        from .recipes import float_view
+
+        graph, biases = float_view(graph, ctx.data, spec or QuantSpec(), recipe)
     stats = ctx.analysis(ChannelStats(fold_bn=True, activations="always" if ctx.data is not None else "never",
                                       bits=bits), graph)
     source = graph.meta.get("source") or (str(model) if isinstance(model, (str, os.PathLike)) else graph.name)
     data_info = None
     if ctx.data is not None:
         data_info = {"name": str(getattr(ctx.data, "name", "data")), "images": len(ctx.data)}
+    measured = None
+    if harm and (ctx.data is not None or noise_images > 0):
+        folded = graph.copy()
+        FoldBatchNorm().run(folded, Context())
+        if ctx.data is not None:
+            measured = diagnosis_harm(graph, folded, ctx, stats, bits, harm_images, biases)
+        else:
+            method = (spec or QuantSpec()).resolved().weight_method
+            measured = measure_layer_harm(folded, [noise_inputs(folded, noise_images)], method=method, bits=bits,
+                                          layers=[n for n in stats], inputs="noise")
     result = Diagnosis(source=str(source), format=graph.meta.get("format"), stats=stats,
-                       batchnorms=len(graph.find(Op.BATCH_NORM)), data=data_info, bits=bits,
+                       batchnorms=len(graph.find(Op.BATCH_NORM)), data=data_info, bits=bits, harm=measured,
+                       weights=weights, recipe=recipe,
                        bn_folded_in_source=bool(graph.meta.get("batchnorm_folded_in_source")))
     log.info("diagnosed %s: %d layers, %d outlier and %d zero channels", result.source, len(stats),
              stats.totals()["outlier_channels"], stats.totals()["zero_channels"])

@@ -23,14 +23,18 @@ from __future__ import annotations
 
 import logging
 from dataclasses import fields
-from typing import Any, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .pass_infra import Pass, ordered
+import numpy as np
+
+from .errors import QfrewriteError
+from .ir import WEIGHTED_OPS, Graph
+from .pass_infra import Context, Pass, ordered
 from .passes import (AbsorbBias, CorrectBias, CrossLayerEqualization, FoldBatchNorm, FoldDeadChannels,
                      InsertFakeQuant, ReLU6ToReLU, RemoveDepthwiseBNReLU6, SelectBest)
 from .spec import QuantSpec, merge_statements
 
-__all__ = ["Recipe", "plain", "dfq", "qualcomm"]
+__all__ = ["Recipe", "plain", "dfq", "qualcomm", "float_view", "VIEWS"]
 
 log = logging.getLogger(__name__)
 
@@ -122,3 +126,45 @@ def qualcomm(spec: Optional[QuantSpec] = None, quantize: bool = True, **options:
     without retraining it scores 0.0-0.2% top-1, float or int8."""
     passes: List[Pass] = [FoldBatchNorm(scope="pointwise"), RemoveDepthwiseBNReLU6(), ReLU6ToReLU("pointwise")]
     return _recipe("qualcomm", passes, quantize, spec, options)
+
+
+#: the recipes :func:`float_view` (and ``diagnose --after``) can show the graph after
+VIEWS = ("dfq",)
+
+
+def float_view(graph: Graph, data, spec: QuantSpec, recipe: str = "dfq",
+                granularities: Sequence[str] = ("per_tensor", "per_channel"),
+                ) -> Tuple[Graph, Dict[Tuple[str, str], np.ndarray]]:
+    """The graph a recipe's float rewrite leaves, for diagnosing which layers still hurt after it: a copy of
+    ``graph`` after ``recipe``'s function-keeping passes, and ``{(layer, granularity): bias}`` from its bias
+    correction for each granularity. ``data``: the calibration set.
+
+    ``dfq`` (:func:`qfrewrite.recipes.dfq`): FoldBatchNorm, FoldDeadChannels and CrossLayerEqualization keep the float
+    function (CrossLayerEqualization with its fused clip: on the calibration data), so their graph is the float
+    reference; CorrectBias changes each layer's bias for the error of that layer's quantized kernel, which holds only
+    when the kernel is quantized. So the view is the graph after the first three passes, and for each weight
+    granularity the biases CorrectBias computes for it: the layer harm
+    (:func:`~qfrewrite.analysis.layer_harm.measure_layer_harm`) uses a layer's corrected bias together with its quantized kernel, and the float biases
+    everywhere else.
+    """
+    if recipe not in VIEWS:
+        raise QfrewriteError(f"diagnose can look at the graph after the recipe(s) {', '.join(VIEWS)}; "
+                             f"got {recipe!r}")
+    passes = list(dfq(spec=spec, quantize=False))
+    work = graph.copy()
+    ctx = Context(data=data, spec=spec)
+    for p in passes:
+        if isinstance(p, CorrectBias):
+            continue
+        if p.run(work, ctx).modified:
+            ctx.invalidate()
+    biases: Dict[Tuple[str, str], np.ndarray] = {}
+    for g in granularities:
+        corrected = work.copy()
+        CorrectBias(weights=g).run(corrected, Context(data=data, spec=spec))
+        for node in corrected.find(*WEIGHTED_OPS):
+            if node.bias is not None:
+                biases[node.name, g] = np.asarray(node.bias.const, np.float32)
+    log.info("diagnosing the graph after %s: %s (CorrectBias applied with each quantized kernel)", recipe,
+             ", ".join(p.name for p in passes if not isinstance(p, CorrectBias)))
+    return work, biases

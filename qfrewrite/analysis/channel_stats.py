@@ -54,7 +54,7 @@ from ..quant.observers import ActivationStats, activation_stats
 from . import channel_math as cm
 
 __all__ = ["LayerStats", "GraphChannelStats", "ChannelStats", "layer_stats", "compute_channel_stats",
-           "weight_channel_ranges", "graph_stats_summary"]
+           "weight_channel_ranges", "graph_stats_summary", "activation_tensor"]
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +240,9 @@ def _following_bn(node: Node) -> Optional[Node]:
     return r if r is not None and r.op is Op.BATCH_NORM and batchnorm_fold_target(r) is node else None
 
 
-def _act_tensor(node: Node) -> str:
+def activation_tensor(node: Node) -> str:
+    """The value the int8 model quantizes after layer ``node``: its output after a sole-reader BatchNorm and a
+    sole-reader ``Relu``/``Clip``."""
     v = node
     nxt = sole_reader(v.output)
     if nxt is not None and nxt.op is Op.BATCH_NORM:
@@ -321,7 +323,7 @@ def compute_channel_stats(graph: Graph, ctx: Optional[Context] = None, fold_bn: 
     for node in nodes:
         ls = layer_stats(node, fold_bn=fold_bn, bits=bits)
         _mark_dead_inputs(node, ls, done)
-        ls.act_tensor = _act_tensor(node)
+        ls.act_tensor = activation_tensor(node)
         done[node.name] = ls
     with_act = False
     if activations != "never" and ctx is not None and done:

@@ -17,7 +17,7 @@ import numpy as np
 from ..errors import EmitError
 from ..ir import FakeQuantAttrs, Graph, Node, Op, bn_affine, resolve_pads, same_pads
 
-__all__ = ["lower", "fake_quant_tf"]
+__all__ = ["lower", "lower_node", "fake_quant_tf"]
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +41,11 @@ def fake_quant_tf(x, fq: FakeQuantAttrs, axis_len: Optional[int] = None):
         x, min=lo, max=hi, num_bits=fq.bits, narrow_range=fq.narrow_range)
 
 
-def _kernel(node: Node, quantize: bool):
-    """The node's kernel as a TF constant, fake-quantized per its ``weight_quant`` when asked."""
+def _kernel(node: Node, quantize: bool, kernel=None):
+    """The node's kernel as a TF constant (``kernel`` in its place when given), fake-quantized per its
+    ``weight_quant`` when asked."""
     tf = _tf()
-    k = tf.constant(node.weight.const)
+    k = tf.constant(node.weight.const) if kernel is None else kernel
     fq = node.weight_quant
     if not quantize or fq is None:
         return k
@@ -80,12 +81,12 @@ def _batch(x):
     return x.shape[0] if x.shape[0] is not None else _tf().shape(x)[0]
 
 
-def _lower_node(node: Node, args: List, quantize: bool):
+def _lower_node(node: Node, args: List, quantize: bool, kernel=None, bias=None):
     tf = _tf()
     op, a = node.op, node.attrs
     x = args[0] if args else None
     if op in (Op.CONV2D, Op.DEPTHWISE_CONV2D):
-        k = _kernel(node, quantize)
+        k = _kernel(node, quantize, kernel)
         kshape = node.weight.const.shape
         mode, pads = _explicit_or_same(a.padding, node.inputs[0].shape, kshape[:2], a.strides, a.dilations)
         if pads is not None:
@@ -94,14 +95,14 @@ def _lower_node(node: Node, args: List, quantize: bool):
             y = tf.nn.conv2d(x, k, strides=[1, *a.strides, 1], padding=mode, dilations=list(a.dilations))
         else:
             y = tf.nn.depthwise_conv2d(x, k, strides=[1, *a.strides, 1], padding=mode, dilations=list(a.dilations))
-        if node.bias is not None:
-            y = tf.nn.bias_add(y, tf.constant(node.bias.const))
+        if bias is not None or node.bias is not None:
+            y = tf.nn.bias_add(y, tf.constant(node.bias.const) if bias is None else bias)
         return y
     if op is Op.DENSE:
-        k = _kernel(node, quantize)
+        k = _kernel(node, quantize, kernel)
         y = tf.matmul(x, k) if len(node.inputs[0].shape) == 2 else tf.tensordot(x, k, axes=1)
-        if node.bias is not None:
-            y = tf.nn.bias_add(y, tf.constant(node.bias.const))
+        if bias is not None or node.bias is not None:
+            y = tf.nn.bias_add(y, tf.constant(node.bias.const) if bias is None else bias)
         return y
     if op is Op.BATCH_NORM:
         scale, shift, _ = bn_affine(node)
@@ -154,6 +155,13 @@ def _lower_node(node: Node, args: List, quantize: bool):
     if op is Op.FAKE_QUANT:
         return fake_quant_tf(x, a) if quantize else tf.identity(x)
     raise EmitError(f"{node.name}: no TensorFlow lowering for {op.value}")
+
+
+def lower_node(node: Node, args: Sequence, quantize: bool = False, kernel=None, bias=None):
+    """One node's output from its (non-constant and constant) input tensors ``args``, in input order; ``kernel``
+    and ``bias`` (tensors or arrays) replace a weighted node's kernel and bias (a bias is added even where the node
+    has none). Runs eagerly or inside a ``tf.function``."""
+    return _lower_node(node, list(args), quantize, kernel, bias)
 
 
 def _scope_name(name: str) -> str:

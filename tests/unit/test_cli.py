@@ -60,7 +60,31 @@ def test_diagnose_with_an_image_folder(model_file, image_dir, tmp_path):
     assert r.exit_code == 0, r.output
     d = json.loads(js.read_text())
     assert d["data"]["images"] == 2 and d["layers"][0]["per_channel"]["act_max"] is not None
-    assert "act range" in r.output
+    assert d["ranking"]["measured"] and d["ranking"]["images"] == 2 and "out W/T" in r.output
+    assert all(set(e["output_sqnr_db"]) == {"per_tensor", "per_channel", "activations"} for e in d["layers"])
+
+
+def test_diagnose_after_dfq_and_without_the_harm(model_file, image_dir, tmp_path):
+    js = tmp_path / "d.json"
+    r = CliRunner().invoke(main, ["diagnose", str(model_file), "--data", str(image_dir), "--preprocess",
+                                  "127.5/127.5", "--after", "dfq", "--weights", "per-channel", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(js.read_text())
+    assert d["after_recipe"] == "dfq" and "after dfq's rewrite" in r.output and d["batchnorms_in_graph"] == 0
+    assert "per-channel" in d["ranking"]["by"]
+    dbs = [e["output_sqnr_db"]["per_channel"] for e in d["layers"]]
+    assert dbs == sorted(dbs)
+    r = CliRunner().invoke(main, ["diagnose", str(model_file), "--data", str(image_dir), "--preprocess",
+                                  "127.5/127.5", "--harm-images", "0", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(js.read_text())
+    assert not d["ranking"]["measured"] and "out W/T" not in r.output and "act range" in r.output
+    r = CliRunner().invoke(main, ["diagnose", str(model_file), "--after", "dfq"])
+    assert r.exit_code == 1 and "needs calibration data" in r.output
+    r = CliRunner().invoke(main, ["diagnose", str(model_file), "--noise-images", "3", "--json", str(js)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(js.read_text())
+    assert d["ranking"]["inputs"] == "noise" and not d["ranking"]["measured"] and "Gaussian-noise" in r.output
 
 
 @pytest.mark.parametrize("content", [None, b"\x00garbage", b""])

@@ -97,7 +97,8 @@ def test_with_data_adds_activation_ranges(rng):
     assert d["data"] == {"name": "array", "images": 4}
     e = _by_name(d)["dw1"]
     assert len(e["per_channel"]["act_max"]) == 16 and max(e["per_channel"]["act_max"]) <= 6.0
-    assert e["act_spread"] is not None and "act range" in diag.render()
+    assert e["act_spread"] is not None and "act range" not in diag.render()  # the measured harm takes its place
+    assert "act range" in diagnose(g, x, harm=False).render()
 
 
 def test_bad_input_raises_typed_errors(rng, tmp_path):
