@@ -82,14 +82,14 @@ class ConvertSummary:
 
 
 def applied_passes(report) -> list:
-    """The passes that made the model, in order: a choice among pipelines as ``SelectBest[kept dfq]`` followed by
+    """The passes that made the model, in order: a choice among pipelines as ``SelectBest(kept dfq)`` followed by
     the kept pipeline's passes."""
     out = []
     for p in report.passes:
         if p.inner:
             out.append(p.name.rsplit(" > ", 1)[-1])
         elif "kept" in p.stats:
-            out.append(f"{p.name}[kept {p.stats['kept']}]")
+            out.append(f"{p.name}(kept {p.stats['kept']})")
         else:
             out.append(p.name)
     return out
