@@ -30,7 +30,6 @@ layers (:meth:`Diagnosis.plot`). The caller's model is never modified.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -53,6 +52,7 @@ from .passes import CorrectBias, CrossLayerEqualization, FoldBatchNorm, FoldDead
 from .errors import QfrewriteError
 from .quant.weights import GRANULARITIES
 from .spec import QuantSpec
+from .text_report import TextReport
 
 __all__ = ["HURT_DB", "Diagnosis", "diagnose", "layer_suggestions"]
 
@@ -105,7 +105,7 @@ def layer_suggestions(ls: LayerStats) -> List[Dict[str, str]]:
 
 
 @dataclass
-class Diagnosis:
+class Diagnosis(TextReport):
     """The per-channel verdict on one model (see the module docstring)."""
 
     source: str
@@ -307,21 +307,6 @@ class Diagnosis:
             out.append(Text("no layer is hurt by per-tensor weights and no dead or outlier channel was found"))
         return out
 
-    def __rich_console__(self, console, options):
-        yield from self.renderables()
-
-    def render(self, top: int = 10, width: int = 160) -> str:
-        """Plain text (no colour codes)."""
-        from rich.console import Console
-
-        buf = io.StringIO()
-        console = Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False)
-        for r in self.renderables(top):
-            console.print(r)
-        return buf.getvalue().rstrip("\n")
-
-    def __str__(self) -> str:
-        return self.render()
 
 
 def diagnose(model, data=None, *, spec: Optional[QuantSpec] = None, preprocess=None, limit: Optional[int] = None,

@@ -25,7 +25,6 @@ with the passes the findings point to.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ import numpy as np
 from ..errors import ModelLoadError
 from ..importers.tflite_ops import layer_name
 from ..importers.tflite_reader import TFLiteFile, read_tflite
+from ..text_report import TextReport
 from . import channel_math as cm
 
 __all__ = ["FEW_LEVELS", "Int8Layer", "Int8Diagnosis", "is_quantized_tflite", "diagnose_int8_tflite"]
@@ -184,7 +184,7 @@ def is_quantized_tflite(source) -> bool:
 
 
 @dataclass
-class Int8Diagnosis:
+class Int8Diagnosis(TextReport):
     """The per-layer report on a quantized ``.tflite`` (see the module docstring)."""
 
     source: str
@@ -332,20 +332,6 @@ class Int8Diagnosis:
         out.append(Text("\n".join(lines)))
         return out
 
-    def __rich_console__(self, console, options):
-        yield from self.renderables()
-
-    def render(self, top: int = 10, width: int = 160) -> str:
-        from rich.console import Console
-
-        buf = io.StringIO()
-        console = Console(file=buf, width=width, color_system=None, force_terminal=False, highlight=False)
-        for r in self.renderables(top):
-            console.print(r)
-        return buf.getvalue().rstrip("\n")
-
-    def __str__(self) -> str:
-        return self.render()
 
 
 def diagnose_int8_tflite(path: Union[str, os.PathLike], bits: int = 8) -> Int8Diagnosis:
