@@ -30,7 +30,6 @@ layers (:meth:`Diagnosis.plot`). The caller's model is never modified.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -189,14 +188,6 @@ class Diagnosis(TextReport):
         return {"by": f"estimate from the weights alone: SQNR of the median channel with {w} {self.bits}-bit "
                       "weights (no data)",
                 "measured": False}
-
-    def to_json(self, path: Union[str, os.PathLike, None] = None, indent: Optional[int] = 2) -> str:
-        """The JSON text; written atomically to ``path`` when given."""
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with one_output(path, "the diagnosis", [("the model", self.source)]) as tmp:
-                tmp.write_bytes((text + "\n").encode())
-        return text
 
     # -- figure ------------------------------------------------------------------------------------------------------
     def plot(self, path: Union[str, os.PathLike], top: int = 6):

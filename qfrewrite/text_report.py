@@ -1,13 +1,16 @@
-"""Reports that print as rich tables in a terminal and as plain text everywhere else.
+"""Reports that print as rich tables in a terminal, as plain text everywhere else, and as JSON.
 
-A subclass gives :meth:`TextReport.renderables` (the rich renderables of its first ``top`` rows); ``print(report)``,
-``str(report)`` and ``report.render(top, width)`` then give plain text (no colour codes) and ``rich.print(report)``
-the styled version.
+A subclass gives :meth:`TextReport.renderables` (the rich renderables of its first ``top`` rows), ``to_dict()`` and
+``source`` (the file it reports on); ``print(report)``, ``str(report)`` and ``report.render(top, width)`` then give
+plain text (no colour codes), ``rich.print(report)`` the styled version, and ``to_json(path)`` the JSON text, written
+atomically and never over the source.
 """
 from __future__ import annotations
 
 import io
-from typing import Iterable
+import json
+import os
+from typing import Iterable, Optional, Union
 
 __all__ = ["TextReport"]
 
@@ -33,3 +36,13 @@ class TextReport:
 
     def __str__(self) -> str:
         return self.render()
+
+    def to_json(self, path: Union[str, os.PathLike, None] = None, indent: Optional[int] = 2) -> str:
+        """The JSON text; written atomically to ``path`` when given."""
+        from .io_utils import one_output
+
+        text = json.dumps(self.to_dict(), indent=indent)
+        if path is not None:
+            with one_output(path, "the diagnosis", [("the model", self.source)]) as tmp:
+                tmp.write_bytes((text + "\n").encode())
+        return text

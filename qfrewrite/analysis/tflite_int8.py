@@ -25,7 +25,6 @@ with the passes the findings point to.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -233,15 +232,6 @@ class Int8Diagnosis(TextReport):
             "layers": [{"rank": r, **ls.to_dict(per_channel)} for r, ls in enumerate(self.ranked(), 1)],
             "advice": self.advice(),
         })
-
-    def to_json(self, path: Union[str, os.PathLike, None] = None, indent: Optional[int] = 2) -> str:
-        from ..io_utils import one_output
-
-        text = json.dumps(self.to_dict(), indent=indent)
-        if path is not None:
-            with one_output(path, "the diagnosis", [("the model", self.source)]) as tmp:
-                tmp.write_bytes((text + "\n").encode())
-        return text
 
     # -- figure ------------------------------------------------------------------------------------------------
     def plot(self, path: Union[str, os.PathLike], top: int = 6):
