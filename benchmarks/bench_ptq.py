@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -38,7 +36,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import MODELS, SHARED, split_images  # noqa: E402
+from benchmarks.common import MODELS, SHARED, add_output_options, output_dir, ready, split_images  # noqa: E402
 
 log = logging.getLogger("bench_ptq")
 
@@ -165,17 +163,11 @@ def main(argv=None) -> int:
     ap.add_argument("--activations", default="mse", choices=["mse", "minmax", "percentile", "kl"])
     ap.add_argument("--rss", action="store_true", help="also measure calibration peak RSS of MobileNetV2")
     ap.add_argument("--rss-images", type=int, default=1000)
-    ap.add_argument("--out-dir", help="keep the .tflite files here (default: a temporary folder)")
-    ap.add_argument("--json", help="write the rows as JSON here")
+    add_output_options(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    log.setLevel(logging.INFO)
-    if not SHARED.exists():
-        print(f"{SHARED} is absent: nothing to benchmark", file=sys.stderr)
+    if not ready(log):
         return 1
-    with tempfile.TemporaryDirectory() as tmp:
-        out_dir = Path(args.out_dir) if args.out_dir else Path(tmp)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    with output_dir(args.out_dir) as out_dir:
         rows = run(args.models, args.calib, args.eval, args.granularity, args.activations, out_dir)
     print(table(rows))
     result = {"rows": rows}

@@ -28,7 +28,6 @@ import argparse
 import json
 import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Dict, List
@@ -38,7 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import MODELS, SHARED, split_images  # noqa: E402
+from benchmarks.common import MODELS, SHARED, add_output_options, output_dir, ready, split_images  # noqa: E402
 
 log = logging.getLogger("bench_tflite_source")
 
@@ -176,17 +175,11 @@ def main(argv=None) -> int:
     ap.add_argument("--eval", type=int, default=200, help="evaluation images (odd positions)")
     ap.add_argument("--control", action="store_true", help="only the one-ulp noise floor of the comparison")
     ap.add_argument("--diagnose", action="store_true", help="also time diagnose of the int8 and float files")
-    ap.add_argument("--out-dir", help="keep the .tflite files here (default: a temporary folder)")
-    ap.add_argument("--json", help="write the rows as JSON here")
+    add_output_options(ap)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
-    log.setLevel(logging.INFO)
-    if not SHARED.exists():
-        print(f"{SHARED} is absent: nothing to benchmark", file=sys.stderr)
+    if not ready(log):
         return 1
-    with tempfile.TemporaryDirectory() as tmp:
-        out_dir = Path(args.out_dir) if args.out_dir else Path(tmp)
-        out_dir.mkdir(parents=True, exist_ok=True)
+    with output_dir(args.out_dir) as out_dir:
         if args.control:
             rows = control(args.models, args.calib, args.eval, out_dir)
         else:

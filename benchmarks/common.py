@@ -1,8 +1,13 @@
 """Helpers shared by the benchmarks: the ../shared models and a disjoint calibration/evaluation split."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import sys
+import tempfile
 from pathlib import Path
+from typing import Iterator, Optional
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QFREWRITE_SHARED", REPO.parent / "shared"))
@@ -23,3 +28,29 @@ def split_images(images, n_calib: int, n_eval: int):
     calib = images.subset(slice(0, None, 2)).subset(slice(0, n_calib))
     evals = images.subset(slice(1, None, 2)).subset(slice(0, n_eval))
     return calib, evals
+
+
+def add_output_options(ap) -> None:
+    """``--out-dir`` (keep the .tflite files) and ``--json`` (the rows as JSON)."""
+    ap.add_argument("--out-dir", help="keep the .tflite files here (default: a temporary folder)")
+    ap.add_argument("--json", help="write the rows as JSON here")
+
+
+def ready(log: logging.Logger) -> bool:
+    """Logging set up for a benchmark run (warnings, and ``log``'s progress lines); False, said on stderr, when
+    ../shared is absent."""
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    if not SHARED.exists():
+        print(f"{SHARED} is absent: nothing to benchmark", file=sys.stderr)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def output_dir(path: Optional[str]) -> Iterator[Path]:
+    """``path`` (created), or a temporary folder removed afterwards."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(path) if path else Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        yield out

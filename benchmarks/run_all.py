@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import bench_latency, bench_passes, bench_ptq  # noqa: E402
-from benchmarks.common import MODELS, SHARED, split_images  # noqa: E402
+from benchmarks.common import MODELS, SHARED  # noqa: E402
 
 
 def accuracy_markdown(rows) -> str:
