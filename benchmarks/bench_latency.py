@@ -17,12 +17,12 @@ from typing import Dict, List
 import numpy as np
 
 
-def time_model(path: str, threads: int, runs: int, warmup: int = 5) -> float:
-    """Median seconds per ``invoke()`` of the model at ``path`` with ``threads`` threads."""
-    from ai_edge_litert.interpreter import Interpreter
+def ready_interpreter(model, threads: int, warmup: int = 5):
+    """A LiteRT interpreter (XNNPACK) for a model path or flatbuffer bytes, its input set to a fixed random tensor
+    and ``warmup`` invocations run."""
+    from qfrewrite.tflite_inspect import interpreter
 
-    it = Interpreter(model_path=str(path), num_threads=threads)
-    it.allocate_tensors()
+    it = interpreter(model if isinstance(model, (bytes, bytearray)) else str(model), num_threads=threads)
     inp = it.get_input_details()[0]
     rng = np.random.default_rng(0)
     if np.issubdtype(inp["dtype"], np.integer):
@@ -33,12 +33,22 @@ def time_model(path: str, threads: int, runs: int, warmup: int = 5) -> float:
     it.set_tensor(inp["index"], x)
     for _ in range(warmup):
         it.invoke()
+    return it
+
+
+def median_invoke(it, runs: int) -> float:
+    """Median seconds per ``invoke()`` over ``runs`` invocations."""
     times = []
     for _ in range(runs):
         t0 = time.perf_counter()
         it.invoke()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def time_model(path: str, threads: int, runs: int, warmup: int = 5) -> float:
+    """Median seconds per ``invoke()`` of the model at ``path`` with ``threads`` threads."""
+    return median_invoke(ready_interpreter(path, threads, warmup), runs)
 
 
 def bench(paths: List[str], runs: int = 50, threads=(1, 2)) -> List[Dict]:

@@ -68,33 +68,15 @@ def top1(flatbuffer: bytes, evals, offset: int) -> float:
     return top1_tflite(flatbuffer, evals, offset)
 
 
-def _interpreter(flatbuffer: bytes, threads: int):
-    from ai_edge_litert.interpreter import Interpreter
-
-    it = Interpreter(model_content=flatbuffer, num_threads=threads)
-    it.allocate_tensors()
-    inp = it.get_input_details()[0]
-    rng = np.random.default_rng(0)
-    x = rng.uniform(-1, 1, size=inp["shape"]).astype(inp["dtype"]) if inp["dtype"] == np.float32 else \
-        rng.integers(-128, 127, size=inp["shape"]).astype(inp["dtype"])
-    it.set_tensor(inp["index"], x)
-    for _ in range(5):
-        it.invoke()
-    return it
-
-
 def interleaved_latency(models: Dict[str, bytes], threads: int, rounds: int, invokes: int) -> Dict[str, float]:
     """Median over ``rounds`` of each model's median invoke time (seconds), the models timed in turn each round."""
-    its = {k: _interpreter(fb, threads) for k, fb in models.items()}
+    from benchmarks.bench_latency import median_invoke, ready_interpreter
+
+    its = {k: ready_interpreter(fb, threads) for k, fb in models.items()}
     per_round: Dict[str, List[float]] = {k: [] for k in its}
     for _ in range(rounds):
         for k, it in its.items():
-            times = []
-            for _ in range(invokes):
-                t0 = time.perf_counter()
-                it.invoke()
-                times.append(time.perf_counter() - t0)
-            per_round[k].append(statistics.median(times))
+            per_round[k].append(median_invoke(it, invokes))
     return {k: statistics.median(v) for k, v in per_round.items()}
 
 
