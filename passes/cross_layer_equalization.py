@@ -55,6 +55,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from qfrewrite.analysis.calibration_pass import map_names
 from qfrewrite.analysis.constant_channels import constant_channels, value_bounds
 from qfrewrite.analysis.moments import ChannelMoments, channel_moments
 from qfrewrite.contracts import Property
@@ -223,13 +224,12 @@ class CrossLayerEqualization(Pass):
     def _moments(graph: Graph, ctx: Context, pairs: List[_Pair], clip: str):
         """One pass over the calibration data (``None`` without data): per-channel min/max of the values between
         the layers (a clip's output maximum equals its bound where it binds), and the mean map of every layer's
-        input. The maps are for CorrectBias:
-        the fused clip keeps the function on the calibration data, so the maps after equalization are these divided
-        by the scales (:meth:`_carried`) and need no second pass."""
+        input. The maps are for CorrectBias: the fused clip keeps the function on the calibration data, so the maps
+        after equalization are these divided by the scales (:meth:`_carried`) and need no second pass."""
         if ctx.data is None:
             return None
-        names = {v for p in pairs for v in _between(p)}  # a clip's output tells whether it binds (max == hi)
-        maps = {n.inputs[0].name for n in graph.find(*WEIGHTED_OPS)} if clip == "fused" else set()
+        names = {v for p in pairs for v in _between(p)}
+        maps = set(map_names(graph)) if clip == "fused" else set()
         return ChannelMoments(names, maps=maps, stats=("min", "max")), channel_moments(
             graph, ctx, names, maps=maps, stats=("min", "max"))
 

@@ -97,8 +97,8 @@ class SelectBest(Pass):
             return PassResult(result.graph, True, {"kept": first, "why": why, "scores": {}},
                               [Skip(None, f"no comparison: {why}")], result.nested)
         x = np.concatenate(list(held.batches()))
-        t0 = time.perf_counter()
         reference = ctx.analysis(TracedGraph(), graph)(x)  # the manager's drift measurement traced it already
+        t0 = time.perf_counter()
         shared = calibration_statistics(graph, calib)
         shared_seconds = time.perf_counter() - t0
         scores: Dict[str, dict] = {}

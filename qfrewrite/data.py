@@ -15,7 +15,7 @@ for NaN/Inf, with a :class:`DataError` naming the data and the expected shape.
 from __future__ import annotations
 
 import logging
-from typing import Iterable, Iterator, List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 

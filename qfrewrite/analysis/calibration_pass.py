@@ -10,8 +10,8 @@ The data-driven passes ask for two analyses of the float graph on the calibratio
 Each would run the data through the graph once. :func:`calibration_statistics` runs it once for both: the per-channel
 min/max of every activation the int8 model holds (:func:`observed_names`), the histograms of the quantization points
 (:func:`~qfrewrite.quant.points.quantization_points`, what InsertFakeQuant calibrates), and the mean map of every
-weighted layer's input (a per-position sum over the images, kept in float64). :func:`serve` caches the result in a :class:`~qfrewrite.pass_infra.Context` as both analyses, for the graph
-it was computed on or for a copy of it (a pipeline that runs candidate pass lists on copies of one graph, such as
+weighted layer's input (a per-position sum over the images, kept in float64). :func:`serve` caches the result in a
+:class:`~qfrewrite.pass_infra.Context` as both analyses, for the graph it was computed on or for a copy of it (a pipeline that runs candidate pass lists on copies of one graph, such as
 :class:`~qfrewrite.passes.SelectBest`, pays for one pass, not one per candidate). The per-channel min/max of
 :class:`ChannelMoments` are then exactly the observers' ``channel_min``/``channel_max``; ``mean`` and ``std`` are not
 served (a pass that needs them computes its own analysis).
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from ..ir import WEIGHTED_OPS, Graph, sole_reader
+from ..ir import WEIGHTED_OPS, Graph
 from ..pass_infra import Context
 from ..quant.observers import ActivationStats, TensorStats, activation_names, observe
-from ..quant.points import FUSING_OPS, fusable_activation, quantization_points
+from ..quant.points import FUSING_OPS, feeds_fused_activation, quantization_points
 from .moments import ChannelMoments, Moments
 
 __all__ = ["calibration_statistics", "serve", "map_names", "observed_names"]
@@ -37,11 +37,7 @@ def map_names(graph: Graph) -> List[str]:
 def observed_names(graph: Graph) -> List[str]:
     """Every activation but the values that only a fused activation reads (a layer's output before its ReLU/ReLU6:
     the int8 model never holds them, and a clip's output tells whether it binds), in topological order."""
-    hidden = set()
-    for node in graph.find(*FUSING_OPS):
-        reader = sole_reader(node.output)
-        if reader is not None and fusable_activation(reader):
-            hidden.add(node.output.name)
+    hidden = {node.output.name for node in graph.find(*FUSING_OPS) if feeds_fused_activation(node)}
     return [n for n in activation_names(graph) if n not in hidden]
 
 
@@ -53,9 +49,9 @@ def calibration_statistics(graph: Graph, data) -> Dict[str, TensorStats]:
 
 
 def serve(ctx: Context, graph: Graph, stats: Dict[str, TensorStats]) -> None:
-    """Cache ``stats`` (from :func:`calibration_statistics` on ``graph`` or on an identical graph) as the
-    :class:`ActivationStats` of every activation and the :class:`ChannelMoments` (min, max, mean maps) of
-    ``graph`` in ``ctx``."""
+    """Cache ``stats`` (from :func:`calibration_statistics` on ``graph`` or on an identical graph) in ``ctx`` as
+    ``graph``'s :class:`ActivationStats` (which serves the histogrammed values, and every observed value's per-channel
+    min/max) and its :class:`ChannelMoments` (min, max, mean maps)."""
     maps = [n for n in map_names(graph) if stats[n].map_mean is not None]
     ctx.put(ActivationStats(None), graph, stats)
     moments = {n: Moments(s.channel_min, s.channel_max, None, None, s.count, s.map_mean) for n, s in stats.items()}

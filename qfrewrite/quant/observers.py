@@ -42,8 +42,6 @@ __all__ = ["TensorStats", "StreamingHistogram", "TensorObserver", "ActivationSta
 log = logging.getLogger(__name__)
 
 DEFAULT_BINS = 2048
-#: rows (positions) of each tensor histogrammed per image; min/max/mean see every value
-DEFAULT_HIST_ROWS = 2048
 #: values of each tensor histogrammed per image (``hist_values // C`` positions, evenly strided)
 DEFAULT_HIST_VALUES = 2 ** 14
 #: tapped activations held per executor call

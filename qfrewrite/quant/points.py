@@ -12,7 +12,8 @@ from typing import List, Set
 
 from ..ir import WEIGHTED_OPS, Graph, Node, Op, sole_reader
 
-__all__ = ["quantization_points", "output_sources", "fusable_activation", "SAME_SCALE_OPS", "FUSING_OPS"]
+__all__ = ["quantization_points", "output_sources", "fusable_activation", "feeds_fused_activation",
+           "SAME_SCALE_OPS", "FUSING_OPS"]
 
 #: ops the converter fuses a following ReLU / ReLU6 into
 FUSING_OPS = WEIGHTED_OPS | {Op.ADD}
@@ -27,18 +28,22 @@ def fusable_activation(node: Node) -> bool:
     return node.op is Op.CLIP and node.attrs.lo == 0.0 and (node.attrs.hi is None or node.attrs.hi == 6.0)
 
 
+def feeds_fused_activation(node: Node) -> bool:
+    """The output of ``node`` (a weighted layer or an ``Add``) is read only by an activation the converter fuses into
+    it: the int8 model never holds that value."""
+    if node.op not in FUSING_OPS:
+        return False
+    reader = sole_reader(node.output)
+    return reader is not None and fusable_activation(reader)
+
+
 def quantization_points(graph: Graph) -> List[str]:
     """Names of the values that get a FakeQuant, in topological order."""
     points = [v.name for v in graph.inputs]
     for node in graph.topological_order():
-        v = node.output
-        if node.op in SAME_SCALE_OPS or node.op is Op.FAKE_QUANT:
+        if node.op in SAME_SCALE_OPS or node.op is Op.FAKE_QUANT or feeds_fused_activation(node):
             continue
-        if node.op in FUSING_OPS:
-            reader = sole_reader(v)
-            if reader is not None and fusable_activation(reader):
-                continue
-        points.append(v.name)
+        points.append(node.output.name)
     return points
 
 
