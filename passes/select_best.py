@@ -94,7 +94,7 @@ class SelectBest(Pass):
                    else "one candidate")
             first = names[0]
             result = self._run_candidate(first, graph.copy(), ctx, data)
-            return PassResult(result.graph, True, {"kept": first, "why": why, "scores": {}},
+            return PassResult(result.graph, result.modified, {"kept": first, "why": why, "scores": {}},
                               [Skip(None, f"no comparison: {why}")], result.nested)
         x = np.concatenate(list(held.batches()))
         reference = ctx.analysis(TracedGraph(), graph)(x)  # the manager's drift measurement traced it already
@@ -119,7 +119,7 @@ class SelectBest(Pass):
         others = ", ".join(f"{k} {scores[k]['sqnr_db']:.1f} dB" for k in names if k != best)
         why = (f"highest output SQNR on {len(x)} held-back calibration images: {scores[best]['sqnr_db']:.1f} dB "
                f"(top-1 agreement {100 * scores[best]['top1_agreement']:.1f}%) against {others}")
-        return PassResult(results[best].graph, True, {"kept": best, "why": why, "scores": scores,
+        return PassResult(results[best].graph, results[best].modified, {"kept": best, "why": why, "scores": scores,
                                                       "held_back": len(x), "calibrated_on": len(calib),
                                                       "shared_calibration_seconds": shared_seconds},
                           nested=results[best].nested, carried=[(TracedGraph(), executors[best])])
