@@ -31,7 +31,7 @@ from .errors import QfrewriteError
 from .ir import WEIGHTED_OPS, Graph
 from .pass_infra import Context, Pass, ordered
 from .passes import (AbsorbBias, CorrectBias, CrossLayerEqualization, FoldBatchNorm, FoldDeadChannels,
-                     InsertFakeQuant, ReLU6ToReLU, RemoveDepthwiseBNReLU6, SelectBest)
+                     InsertFakeQuant, LearnedRounding, ReLU6ToReLU, RemoveDepthwiseBNReLU6, SelectBest)
 from .spec import QuantSpec, merge_statements
 
 __all__ = ["Recipe", "plain", "dfq", "qualcomm", "float_view", "VIEWS"]
@@ -64,15 +64,22 @@ def _split_options(name: str, spec: Optional[QuantSpec], options):
     return full, knobs
 
 
+def _rounding(spec: QuantSpec) -> List[Pass]:
+    """The weight rounding the spec asks for before quantization: :class:`LearnedRounding` for
+    ``rounding="learned"`` (it also corrects the biases), nothing for nearest rounding."""
+    return [LearnedRounding()] if spec.resolved().rounding == "learned" else []
+
+
 def _recipe(name: str, passes: List[Pass], quantize: bool, spec: Optional[QuantSpec], options) -> Recipe:
     full, knobs = _split_options(name, spec, options)
     if quantize:
-        passes = passes + [InsertFakeQuant(**knobs)]
+        passes = passes + _rounding(full) + [InsertFakeQuant(**knobs)]
     return Recipe(name, ordered(passes, full), full)
 
 
 def plain(spec: Optional[QuantSpec] = None, quantize: bool = True, **options: Any) -> Recipe:
-    """``FoldBatchNorm`` then ``InsertFakeQuant``: post-training quantization with no rewriting."""
+    """``FoldBatchNorm`` then ``InsertFakeQuant``: post-training quantization with no rewriting (with
+    ``rounding="learned"``, ``LearnedRounding`` before the quantization)."""
     return _recipe("plain", [FoldBatchNorm()], quantize, spec, options)
 
 
@@ -91,7 +98,9 @@ def dfq(spec: Optional[QuantSpec] = None, quantize: bool = True, absorb: bool = 
        never scaled, no channel pushed out of its tensor's range;
     4. ``AbsorbBias`` only with ``absorb=True`` (no gain measured on these models);
     5. ``CorrectBias``: the expected output error of the quantized kernels removed from the biases, for exactly the
-       weight quantization InsertFakeQuant applies (both read the recipe's spec);
+       weight quantization InsertFakeQuant applies (both read the recipe's spec); with ``rounding="learned"``
+       ``LearnedRounding`` instead, which rounds each kernel on the calibration data to lower its layer's output
+       error and corrects the bias for it (also in plain's candidate below);
     6. ``InsertFakeQuant``.
 
     With ``compare=True`` (the default, and only when quantizing) steps 3-6 and plain's InsertFakeQuant run side by
@@ -108,7 +117,8 @@ def dfq(spec: Optional[QuantSpec] = None, quantize: bool = True, absorb: bool = 
     82.4; within noise). The measured top-1 of this recipe is in the README's benchmark table.
     """
     full, knobs = _split_options("dfq", spec, options)
-    passes: List[Pass] = [FoldDeadChannels(), CrossLayerEqualization(clip=clip), CorrectBias()]
+    learned = _rounding(full)
+    passes: List[Pass] = [FoldDeadChannels(), CrossLayerEqualization(clip=clip)] + (learned or [CorrectBias()])
     if absorb:
         passes.append(AbsorbBias())
     if not quantize:
@@ -117,7 +127,8 @@ def dfq(spec: Optional[QuantSpec] = None, quantize: bool = True, absorb: bool = 
     if not compare:
         return Recipe("dfq", ordered([FoldBatchNorm()] + rewriting, full), full)
     return Recipe("dfq", [FoldBatchNorm(), rewriting[0],
-                          SelectBest({"dfq": rewriting[1:], "plain": [InsertFakeQuant(**knobs)]})], full)
+                          SelectBest({"dfq": rewriting[1:], "plain": _rounding(full) + [InsertFakeQuant(**knobs)]})],
+                  full)
 
 
 def qualcomm(spec: Optional[QuantSpec] = None, quantize: bool = True, **options: Any) -> Recipe:
@@ -154,7 +165,7 @@ def float_view(graph: Graph, data, spec: QuantSpec, recipe: str = "dfq",
     work = graph.copy()
     ctx = Context(data=data, spec=spec)
     for p in passes:
-        if isinstance(p, CorrectBias):
+        if isinstance(p, (CorrectBias, LearnedRounding)):
             continue
         if p.run(work, ctx).modified:
             ctx.invalidate()
@@ -166,5 +177,5 @@ def float_view(graph: Graph, data, spec: QuantSpec, recipe: str = "dfq",
             if node.bias is not None:
                 biases[node.name, g] = np.asarray(node.bias.const, np.float32)
     log.info("diagnosing the graph after %s: %s (CorrectBias applied with each quantized kernel)", recipe,
-             ", ".join(p.name for p in passes if not isinstance(p, CorrectBias)))
+             ", ".join(p.name for p in passes if not isinstance(p, (CorrectBias, LearnedRounding))))
     return work, biases

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["KINDS", "out_channels_last", "out_absmax", "in_absmax", "scale_out", "scale_in", "tap_sums",
-           "const_input_bias", "zero_in_channels", "zero_out_channels", "n_in", "n_out"]
+           "const_input_bias", "zero_in_channels", "zero_out_channels", "n_in", "n_out", "as_rows", "from_rows"]
 
 KINDS = ("conv", "depthwise", "dense")
 
@@ -44,6 +44,25 @@ def out_channels_last(kernel: np.ndarray, kind: str) -> np.ndarray:
         kh, kw, c, m = k.shape
         return k.reshape(kh * kw, c * m)
     return k.reshape(-1, k.shape[-1])
+
+
+def as_rows(kernel: np.ndarray, kind: str) -> np.ndarray:
+    """The kernel as the rows a layer multiplies its input patches by: ``(O, K)`` with ``K`` in the patch order
+    ``(kh, kw, I)`` (dense: ``I``); depthwise ``(C, M, kh * kw)``, row ``(c, m)`` being output channel ``c*M + m``."""
+    _check(kind)
+    k = np.asarray(kernel)
+    if kind == "depthwise":
+        kh, kw, c, m = k.shape
+        return k.reshape(kh * kw, c, m).transpose(1, 2, 0)
+    return k.reshape(-1, k.shape[-1]).T
+
+
+def from_rows(rows: np.ndarray, shape, kind: str) -> np.ndarray:
+    """The inverse of :func:`as_rows` for a kernel of ``shape``."""
+    _check(kind)
+    if kind == "depthwise":
+        return np.asarray(rows).transpose(2, 0, 1).reshape(shape)
+    return np.asarray(rows).T.reshape(shape)
 
 
 def out_absmax(kernel: np.ndarray, kind: str) -> np.ndarray:

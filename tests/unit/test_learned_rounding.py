@@ -1,0 +1,167 @@
+import numpy as np
+import pytest
+
+from qfrewrite.analysis.patch_moments import PatchMoments
+from qfrewrite.backend.executor import Executor
+from qfrewrite.contracts import Property
+from qfrewrite.data import CalibrationSet
+from qfrewrite.errors import PipelineOrderError, QfrewriteError
+from qfrewrite.ir import ConvAttrs, Graph, Op, ReshapeAttrs, layer_kind, verify
+from qfrewrite.numerics.kernels import as_rows
+from qfrewrite.numerics.quantize import fake_quant_np
+from qfrewrite.numerics.rounding import Grid, nearest, round_rows, row_errors
+from qfrewrite.pass_infra import Context, PassManager
+from qfrewrite.passes import CorrectBias, FoldBatchNorm, InsertFakeQuant, LearnedRounding
+from qfrewrite.quant.weights import quantized_kernel, weight_quant_attrs
+from qfrewrite.spec import QuantSpec
+
+from tests.graphs import tiny_mobilenet
+
+
+def _layer(rng, op, strides=(1, 1), padding="SAME", dilations=(1, 1), hw=9, c=4):
+    g = Graph()
+    x = g.add_input("x", (None, hw, hw, c))
+    if op is Op.DENSE:
+        flat = g.add_node(Op.RESHAPE, [x], ReshapeAttrs((hw * hw * c,))).output
+        n = g.add_node(op, [flat, g.const(rng.normal(size=(hw * hw * c, 5))), g.const(rng.normal(size=5))])
+    else:
+        k = rng.normal(size=(3, 3, c, 2 if op is Op.DEPTHWISE_CONV2D else 5))
+        nb = k.shape[2] * k.shape[3] if op is Op.DEPTHWISE_CONV2D else 5
+        n = g.add_node(op, [x, g.const(k), g.const(rng.normal(size=nb))], ConvAttrs(strides, padding, dilations))
+    g.outputs = [n.output]
+    return g
+
+
+def _correlated_inputs(rng, n, hw=9, c=4):
+    base = rng.normal(size=(n, hw, hw, 1))
+    return (np.maximum(base + 0.3 * rng.normal(size=(n, hw, hw, c)), 0) + 0.5).astype(np.float32)
+
+
+@pytest.mark.parametrize("op,strides,padding,dilations", [
+    (Op.CONV2D, (1, 1), "SAME", (1, 1)), (Op.CONV2D, (2, 2), "SAME", (1, 1)), (Op.CONV2D, (1, 1), "VALID", (2, 2)),
+    (Op.DEPTHWISE_CONV2D, (2, 2), "SAME", (1, 1)), (Op.DEPTHWISE_CONV2D, (1, 1), ((1, 0), (2, 1)), (1, 1)),
+    (Op.DENSE, None, None, None)])
+def test_patch_moments_give_the_measured_output_error(rng, op, strides, padding, dilations):
+    """d H d^T from the gathered patches equals the mean squared output change of the layer when its kernel moves
+    by d: the patches are the ones the layer reads (order, padding, strides, dilation)."""
+    g = _layer(rng, op, strides, padding, dilations) if op is not Op.DENSE else _layer(rng, op)
+    x = _correlated_inputs(rng, 12)
+    layer = g.find(op)[0]
+    p = PatchMoments().compute(g, Context(CalibrationSet([x[:5], x[5:]])))[layer.name]
+    delta = rng.normal(size=layer.weight.const.shape) * 0.1
+    moved = g.copy()
+    mlayer = moved.find(op)[0]
+    mlayer.set_input(1, moved.const((layer.weight.const + delta).astype(np.float32)))
+    dy = Executor(moved)(x)[0].astype(np.float64) - Executor(g)(x)[0].astype(np.float64)
+    measured = (dy.reshape(-1, dy.shape[-1]) ** 2).mean(axis=0)
+    kind = layer_kind(layer)
+    d = as_rows(mlayer.weight.const.astype(np.float64), kind) - as_rows(layer.weight.const.astype(np.float64), kind)
+    predicted = row_errors(d, p.second_moment(centered=False)).reshape(-1)
+    np.testing.assert_allclose(predicted, measured, rtol=2e-3, atol=1e-6)
+    # the centred moments give the error once the mean shift is removed
+    centred = ((dy - dy.reshape(-1, dy.shape[-1]).mean(0)).reshape(-1, dy.shape[-1]) ** 2).mean(axis=0)
+    np.testing.assert_allclose(row_errors(d, p.second_moment(centered=True)).reshape(-1), centred, rtol=2e-3,
+                               atol=1e-6)
+
+
+def test_rows_keep_nearest_where_it_is_optimal():
+    """With uncorrelated inputs of equal energy (H proportional to I) the objective separates per weight and
+    nearest rounding is optimal: every row keeps it."""
+    rng = np.random.default_rng(3)
+    w = rng.normal(size=(6, 10))
+    a = np.abs(w).max(axis=1, keepdims=True)
+    grid = Grid(-a, a / 7, 14)
+    q, e_near, e_chosen, learned = round_rows(w, np.eye(10) * 0.5, grid)
+    assert not learned.any()
+    np.testing.assert_array_equal(q, nearest(w, grid))
+    np.testing.assert_array_equal(e_near, e_chosen)
+
+
+def test_learned_rounding_lowers_the_layer_error_on_correlated_inputs(rng):
+    """On correlated inputs the learned rounding lowers the error (the objective it minimises) well below nearest
+    rounding, no row is worse, and the result stays on the grid."""
+    x = rng.normal(size=(4000, 1)) + 0.2 * rng.normal(size=(4000, 16))
+    h = x.T @ x / len(x)
+    w = rng.normal(size=(8, 16))
+    a = np.abs(w).max(axis=1, keepdims=True)
+    grid = Grid(-a, a / 7, 14)
+    q, e_near, e_chosen, learned = round_rows(w, h, grid)
+    assert learned.any() and np.all(e_chosen <= e_near) and e_chosen.sum() < 0.5 * e_near.sum()
+    np.testing.assert_allclose(row_errors(q - w, h), e_chosen)
+    codes = (q - grid.nlo) / grid.step
+    np.testing.assert_allclose(codes, np.round(codes), atol=1e-9)
+    assert codes.min() >= 0 and codes.max() <= 14
+
+
+@pytest.mark.parametrize("op", [Op.CONV2D, Op.DEPTHWISE_CONV2D])
+@pytest.mark.parametrize("weights", ["per_channel", "per_tensor"])
+def test_the_pass_beats_nearest_rounding_on_the_int8_layer(rng, op, weights):
+    """A one-layer graph at 4 bits: the simulated quantized layer's output error on the calibration images is lower
+    with the pass than with nearest rounding plus bias correction, the kernel lies on exactly the grid InsertFakeQuant
+    applies, and the report's two output SQNRs differ by what the simulation measures."""
+    g = _layer(rng, op)
+    x = _correlated_inputs(rng, 16)
+    ref = Executor(g)(x)[0].astype(np.float64)
+    spec = QuantSpec(weights=weights, weight_bits=4)
+    errs = {}
+    for name, p in (("nearest", CorrectBias()), ("learned", LearnedRounding())):
+        work = g.copy()
+        res = p(work, Context(CalibrationSet([x]), spec=spec))
+        verify(work)
+        layer = work.find(op)[0]
+        fq = weight_quant_attrs(g.find(op)[0], weights, "minmax", 4)
+        if name == "learned":
+            assert res.modified and layer.weight_quant == fq
+            np.testing.assert_array_equal(quantized_kernel(layer, fq), layer.weight.const)
+            stats = res.stats["layers"][layer.name]
+            gain_db = stats["learned_sqnr_db"] - stats["nearest_sqnr_db"]
+        else:
+            layer.weight_quant = fq
+        y = Executor(work, quantize=True)(x)[0].astype(np.float64)
+        errs[name] = float(((y - ref) ** 2).mean())
+    assert errs["learned"] < errs["nearest"]
+    assert gain_db > 0
+    assert abs(10 * np.log10(errs["nearest"] / errs["learned"]) - gain_db) < 0.05
+
+
+def test_the_bias_absorbs_the_mean_error(rng):
+    g = _layer(rng, Op.CONV2D)
+    x = _correlated_inputs(rng, 16)
+    ref = Executor(g)(x)[0].astype(np.float64).mean(axis=(0, 1, 2))
+    LearnedRounding()(g, Context(CalibrationSet([x]), spec=QuantSpec(weight_bits=4)))
+    got = Executor(g, quantize=True)(x)[0].astype(np.float64).mean(axis=(0, 1, 2))
+    np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, np.abs(ref).max()))
+
+
+def test_leaves_kernels_on_their_grid_alone(rng):
+    g = _layer(rng, Op.CONV2D)
+    layer = g.find(Op.CONV2D)[0]
+    fq = weight_quant_attrs(layer, "per_channel", "minmax", 8)
+    layer.set_input(1, g.const(fake_quant_np(layer.weight.const, np.asarray(fq.lo), np.asarray(fq.hi), 8, True)))
+    before = layer.weight.const.copy()
+    res = LearnedRounding()(g, Context(CalibrationSet([_correlated_inputs(rng, 4)])))
+    assert not res.modified and res.stats["rounded"] == 0
+    assert any("grid already" in s.reason for s in res.skipped)
+    np.testing.assert_array_equal(g.find(Op.CONV2D)[0].weight.const, before)
+
+
+def test_needs_data_and_checks_its_options(rng):
+    g = _layer(rng, Op.CONV2D)
+    with pytest.raises(QfrewriteError, match="calibration data"):
+        LearnedRounding()(g, Context())
+    with pytest.raises(QfrewriteError, match="weight bits"):
+        LearnedRounding(bits=12)
+    with pytest.raises(QfrewriteError, match="per_channel"):
+        LearnedRounding(weights="per_row")
+
+
+def test_contract_orders_it_before_correct_bias_and_quantization(rng):
+    lr = LearnedRounding()
+    c = lr.contract(QuantSpec().resolved())
+    assert {Property.WEIGHTS_ROUNDED, Property.WEIGHTS_FINAL, Property.BIAS_CORRECTED} <= c.ensures
+    with pytest.raises(PipelineOrderError, match="LearnedRounding"):
+        PassManager([CorrectBias(), LearnedRounding()]).check(tiny_mobilenet(rng))
+    with pytest.raises(PipelineOrderError, match="weights rounded"):
+        PassManager([FoldBatchNorm(), InsertFakeQuant()]).check(tiny_mobilenet(rng), QuantSpec(rounding="learned"))
+    PassManager([FoldBatchNorm(), LearnedRounding(), InsertFakeQuant()]).check(tiny_mobilenet(rng),
+                                                                               QuantSpec(rounding="learned"))
