@@ -5,7 +5,8 @@ For each model, the same imported graph and the same calibration images (the eve
 ../shared image folder; evaluation images are the odd positions, disjoint) go through
 ``recipes.<recipe>(weights=..., weight_bits=..., rounding=...)`` (``--recipe dfq`` by default) and
 ``Result.to_tflite()``; the file is run in LiteRT on the evaluation images. ``seconds`` is the wall time from the
-imported graph and decoded images to the ``.tflite`` bytes; the learned-rounding pass's own time is given too.
+imported graph and decoded images to the ``.tflite`` bytes; the learned-rounding pass's own time is given too, and
+the process's peak resident memory so far (the decoded images included).
 
     python benchmarks/bench_rounding.py                                  # four models, 500 + 500 images
     python benchmarks/bench_rounding.py --models torchvision_v2 --bits 4 --granularity per_channel
@@ -28,6 +29,13 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import MODELS, SHARED, split_images  # noqa: E402
 
 log = logging.getLogger("bench_rounding")
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory so far (MiB; Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _pass_seconds(report, name: str) -> float:
@@ -62,10 +70,11 @@ def run(models, granularities, bits_list, roundings, recipe: str, n_calib: int, 
                     row = {"model": name, "granularity": gran, "bits": bits, "rounding": rounding,
                            "recipe": recipe, "float_top1": float_top1, "top1": top1_tflite(fb, evals, offset),
                            "seconds": sec, "rounding_seconds": _pass_seconds(res.report, "LearnedRounding"),
-                           "calib": len(calib), "eval": len(evals), "size": len(fb)}
+                           "calib": len(calib), "eval": len(evals), "size": len(fb),
+                           "peak_rss_mib": _peak_rss_mib()}
                     rows.append(row)
                     print(f"{name} W{bits} {gran} {rounding}: top-1 {row['top1']:.1f} (float {float_top1:.1f}), "
-                          f"{sec:.1f} s", flush=True)
+                          f"{sec:.1f} s, peak memory so far {row['peak_rss_mib']:.0f} MiB", flush=True)
     return rows
 
 
