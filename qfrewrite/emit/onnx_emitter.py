@@ -423,9 +423,10 @@ def emit_onnx(graph: Graph, path: Optional[Union[str, os.PathLike]] = None, quan
     MobileNetV2: 52 QLinearConv and 10 QLinearAdd), but with int8 activations it left 15 Convs and the 10 Adds in
     float. ``int32_bias``: store the bias of a layer that reads a quantized activation as int32 codes (ONNX Runtime
     then runs integer kernels; outputs may differ from the float-bias simulation by one quantization step where a
-    value sits near a rounding boundary); ``False`` keeps float biases, which reproduces the simulation exactly but leaves ONNX Runtime's layers in float. ``opset``: 13..21; by default
-    13, or 21 when a kernel's weight grid has at most 4 bits (INT4 weights; below 21 they are stored as int8 codes,
-    with a warning). ``path``: written atomically; the model is checked with ``onnx.checker`` first.
+    value sits near a rounding boundary); ``False`` keeps float biases, which reproduces the simulation exactly but
+    leaves ONNX Runtime's layers in float. ``opset``: 13..21; by default 13, or 21 when a kernel's weight grid has at
+    most 4 bits (INT4 weights; below 21 they are stored as int8 codes, with a warning). ``path``: written
+    atomically; the model is checked with ``onnx.checker`` first.
     """
     import onnx
 
