@@ -33,7 +33,7 @@ import numpy as np
 from .quantize import nudge
 
 __all__ = ["QParams", "Container", "qparams", "quantize_codes", "bias_codes", "CONTAINERS", "weight_storage_bits",
-           "embedding_absmax", "symmetric_levels"]
+           "embedding_absmax", "symmetric_levels", "unpack_int4"]
 
 
 @dataclass(frozen=True)
@@ -162,3 +162,11 @@ def bias_codes(bias: np.ndarray, input_scale: float, weight_scale: np.ndarray):
     codes = np.round(np.asarray(bias, np.float64) / scale)
     limit = np.iinfo(np.int32)
     return np.clip(codes, limit.min, limit.max).astype(np.int32), scale.astype(np.float32)
+
+
+def unpack_int4(packed: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` signed 4-bit codes of bytes holding two each, low nibble first (TFLite's INT4 buffers and
+    ONNX's INT4 raw data), as int8 in ``[-8, 7]``."""
+    b = np.asarray(packed, np.uint8).reshape(-1)
+    nibbles = np.stack([b & 0x0F, b >> 4], axis=1).reshape(-1)[:count].astype(np.int8)
+    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)

@@ -206,3 +206,21 @@ def test_storage_grids_leave_native_widths_alone_and_keep_the_function(rng):
             assert n.weight_quant == before[n.name][1]
     np.testing.assert_allclose(run_graph(moved, x, quantize=True)[0], run_graph(g, x, quantize=True)[0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_an_emitted_int4_tflite_is_read_back_and_diagnosed(rng, tmp_path):
+    from qfrewrite.analysis.tflite_int8 import diagnose_int8_tflite
+    from qfrewrite.emit.tflite import emit_tflite
+    from qfrewrite.importers.tflite_reader import read_tflite
+
+    g, _ = quantized(rng, 4, "per_tensor", other=(0, 2))
+    path = tmp_path / "w4.tflite"
+    path.write_bytes(emit_tflite(g))
+    f = read_tflite(path)
+    by_name = {f.name(i): i for i in range(len(f.tensors))}
+    for name, (_, codes, _, _) in tflite_codes(path.read_bytes()).items():  # the unpacked nibbles are LiteRT's codes
+        np.testing.assert_array_equal(f.raw(by_name[name]), codes)
+    layers = diagnose_int8_tflite(path).layers
+    assert len(layers) == 4 and {ls.dtype for ls in layers} == {"int4"}
+    assert all(ls.full_span == 7 and ls.levels.max() <= 15 and ls.spans.max() <= 7 for ls in layers)
+    assert max(ls.spans.max() for ls in layers if ls.per_channel) == 7  # min/max ranges: a channel reaches 7
