@@ -2,7 +2,7 @@
 
     qfrewrite diagnose MODEL [--data DIR] [--preprocess P] [--limit N] [--json F] [--plot F.png] [--top N]
     qfrewrite convert MODEL -o OUT.tflite --data DIR [--recipe plain|dfq|qualcomm] [--weights per-tensor|per-channel]
-                      [--preprocess P] [--onnx OUT.onnx]
+                      [--weight-bits N] [--rounding nearest|learned] [--preprocess P] [--onnx OUT.onnx]
     qfrewrite eval MODEL --data DIR [--reference FLOAT_MODEL]
     qfrewrite demo
 
@@ -313,6 +313,11 @@ def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_pa
                    "qualcomm: the Qualcomm depthwise block (for fine-tuning, destroys accuracy without it).")
 @click.option("--weights", type=click.Choice(["per-channel", "per-tensor"]), default="per-channel",
               show_default=True, help="Weight quantization granularity.")
+@click.option("--weight-bits", "weight_bits", type=click.IntRange(2, 8), default=8, show_default=True, metavar="N",
+              help="Weight bit width, 2..8. 2 to 4 bits are stored as int4 in TFLite and ONNX (half the kernel bytes); "
+                   "5 to 7 as int8 codes of the fewer levels (no size saving).")
+@click.option("--rounding", type=click.Choice(["nearest", "learned"]), default="nearest", show_default=True,
+              help="How weights are rounded to their grid: to nearest, or learned from the calibration data.")
 @click.option("--activations", type=click.Choice(["mse", "minmax", "percentile", "kl"]), default=None,
               help="Activation range selection (default: the recipe's).")
 @click.option("--preprocess", default=None, metavar="P",
@@ -329,19 +334,19 @@ def diagnose(model: str, data, preprocess, limit, batch_size, json_path, plot_pa
               help="Output node/tensor/layer to convert up to (repeatable), e.g. MobilenetV1/Logits/SpatialSqueeze.")
 @input_shape_option
 @reports_errors
-def convert(model, output, data, recipe, weights, activations, preprocess, onnx_path, holdout, limit, io_dtype,
-            outputs, input_shape) -> None:
+def convert(model, output, data, recipe, weights, weight_bits, rounding, activations, preprocess, onnx_path, holdout,
+            limit, io_dtype, outputs, input_shape) -> None:
     """Convert MODEL to a fully int8 TFLite file, calibrated on --data, and check it against the float model.
 
-    Prints a summary (op counts, size, float vs int8 agreement on held-back images) and writes OUT.json beside
-    OUT.tflite with the pass report.
+    Prints a summary (op counts, size, how the weights are stored and what they take, float vs int8 agreement on
+    held-back images) and writes OUT.json beside OUT.tflite with the pass report.
     """
     from .convert import convert as run_convert
 
     summary = run_convert(model, output, data, recipe=recipe, weights=weights.replace("-", "_"),
                           activations=activations, preprocess=parse_preprocess(preprocess), onnx_output=onnx_path,
                           holdout=holdout, limit=limit, io_dtype=io_dtype, outputs=list(outputs) or None,
-                          input_shape=input_shape)
+                          input_shape=input_shape, weight_bits=weight_bits, rounding=rounding)
     click.echo(str(summary))
 
 

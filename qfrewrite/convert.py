@@ -1,9 +1,13 @@
 """The main job in one call: import a model, run a recipe on calibration images, emit a fully int8 TFLite file,
 read it back and check it against the float model on held-back images.
 
-``convert(model, output, data, recipe="dfq", weights="per_channel", ...)`` returns a :class:`ConvertSummary` and
-writes, beside ``output`` (``OUT.tflite``), the report JSON ``OUT.json``: the pass report, the emitted model's op
-counts and size, and the float-vs-int8 agreement (top-1 too when the folder's labels fit the model's outputs).
+``convert(model, output, data, recipe="dfq", weights="per_channel", weight_bits=8, rounding="nearest", ...)``
+returns a :class:`ConvertSummary` and writes, beside ``output`` (``OUT.tflite``), the report JSON ``OUT.json``: the
+pass report, the emitted model's op counts and size, how each written file stores its kernels (type and bytes, read
+back from the file: :mod:`qfrewrite.emit.storage`), and the float-vs-int8 agreement (top-1 too when the folder's
+labels fit the model's outputs). ``weight_bits`` (2..8) and ``rounding`` ("nearest", "learned") are the recipe's
+spec fields: 2- to 4-bit weights are stored as int4 in both TFLite and ONNX (half the kernel bytes), 5- to 7-bit
+ones as int8 codes of their fewer levels (no size saving).
 Images are split deterministically: ``holdout`` images, evenly spaced over the sorted file list, are held back from
 calibration and used only for the agreement check. Every output is written all or nothing, never over an input.
 """
@@ -22,7 +26,7 @@ import numpy as np
 from .data import holdout_indices
 from .errors import DataError, OutputError, QfrewriteError
 
-__all__ = ["convert", "plan_outputs", "ConvertSummary", "RECIPES"]
+__all__ = ["convert", "plan_outputs", "recipe_passes", "ConvertSummary", "RECIPES"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,10 @@ class ConvertSummary:
     onnx: Optional[str] = None
     seconds: float = 0.0
     passes: list = field(default_factory=list)
+    weight_bits: int = 8
+    rounding: str = "nearest"
+    #: per written format ("tflite", "onnx"): :meth:`~qfrewrite.emit.storage.StorageSummary.to_dict`
+    storage: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
@@ -61,8 +69,9 @@ class ConvertSummary:
             f"model        {self.model}",
             f"recipe       {self.recipe} ({self.weights} weights): {' -> '.join(self.passes)}",
             f"output       {self.output} ({self.size_bytes / 1024:.1f} KiB, "
-            f"{'fully int8' if self.fully_integer else 'NOT fully integer'}, input {self.input_dtype})",
+            f"{self._integer_label()}, input {self.input_dtype})",
             f"ops          {ops}",
+            f"weights      {self.describe_weights()}",
             f"calibration  {self.calibration_images} images; held back {self.holdout_images}",
         ]
         if self.agreement:
@@ -75,10 +84,36 @@ class ConvertSummary:
         elif self.labels_note:
             lines.append(f"top-1        not measured: {self.labels_note}")
         if self.onnx:
-            lines.append(f"onnx         {self.onnx}")
+            size = self.storage.get("onnx", {}).get("file_bytes")
+            lines.append(f"onnx         {self.onnx}" + (f" ({size / 1024:.1f} KiB)" if size else ""))
         lines.append(f"report       {self.report_json}")
         lines.append(f"time         {self.seconds:.1f} s")
         return "\n".join(lines)
+
+
+    def _integer_label(self) -> str:
+        if not self.fully_integer:
+            return "NOT fully integer"
+        stored = self.storage.get("tflite", {}).get("dtypes", ["int8"])
+        return "fully int8" if list(stored) == ["int8"] else f"fully integer: {'/'.join(stored)} weights"
+
+    def describe_weights(self) -> str:
+        """``4-bit (nearest rounding): TFLite int4 (kernels 106.0 KiB, 212.0 KiB at int8), ONNX int4 (...)``: the bit
+        width and how each written file stores the kernels, from the files' own tensors."""
+        parts = []
+        for fmt, label in (("tflite", "TFLite"), ("onnx", "ONNX")):
+            s = self.storage.get(fmt)
+            if s is None:
+                continue
+            kernels = f"kernels {s['kernel_bytes'] / 1024:.1f} KiB"
+            if s["kernel_bytes"] < s["int8_bytes"]:
+                how = f"{kernels}, {s['int8_bytes'] / 1024:.1f} KiB at int8"
+            elif self.weight_bits < 8:
+                how = f"{kernels}: no size saving, {2 ** self.weight_bits - 1} of 255 int8 codes used"
+            else:
+                how = kernels
+            parts.append(f"{label} {'/'.join(s['dtypes'])} ({how})")
+        return f"{self.weight_bits}-bit ({self.rounding} rounding): " + ", ".join(parts)
 
 
 def applied_passes(report) -> list:
@@ -95,14 +130,19 @@ def applied_passes(report) -> list:
     return out
 
 
-def _recipe_passes(recipe: str, weights: str, activations: Optional[str]):
+def recipe_passes(recipe: str, weights: str = "per_channel", activations: Optional[str] = None,
+                  weight_bits: int = 8, rounding: str = "nearest"):
+    """``recipes.<recipe>(weights=..., weight_bits=..., rounding=..., activations=...)``, with one-line errors for
+    bad values (the spec's own checks: weight_bits an integer in 2..8, rounding nearest or learned)."""
     from . import recipes
+    from .spec import QuantSpec
 
     if recipe not in RECIPES:
         raise QfrewriteError(f"unknown recipe {recipe!r}; choose one of {', '.join(RECIPES)}")
     if weights not in ("per_channel", "per_tensor"):
         raise QfrewriteError(f"weights must be per_channel or per_tensor, got {weights!r}")
-    kwargs = {"weights": weights}
+    QuantSpec(weight_bits=weight_bits, rounding=rounding)  # raises QfrewriteError naming the bad field
+    kwargs = {"weights": weights, "weight_bits": weight_bits, "rounding": rounding}
     if activations:
         kwargs["activations"] = activations
     return getattr(recipes, recipe)(**kwargs)
@@ -125,29 +165,31 @@ def convert(model, output: Union[str, os.PathLike], data, recipe: str = "dfq", w
             activations: Optional[str] = None, preprocess=None, onnx_output: Optional[Union[str, os.PathLike]] = None,
             holdout: Optional[int] = None, limit: Optional[int] = None, io_dtype: str = "float32",
             inputs=None, outputs=None, input_shape=None, progress: Optional[bool] = None,
-            output_set=None) -> ConvertSummary:
+            output_set=None, weight_bits: int = 8, rounding: str = "nearest") -> ConvertSummary:
     """Convert ``model`` to a fully int8 TFLite file at ``output`` (see the module docstring).
 
     The outputs (``output``, its ``.json`` report, ``onnx_output``) are written all or nothing: planned and checked
     against each other and the inputs before any work, renamed into place together at the end
     (:class:`~qfrewrite.io_utils.OutputSet`). ``output_set``: an OutputSet of a larger job to join instead (the
-    caller commits it; until then the files are at ``output_set.staged(path)``).
+    caller commits it; until then the files are at ``output_set.staged(path)``). ``weights``, ``weight_bits``,
+    ``rounding``, ``activations``: the recipe's spec (:func:`recipe_passes`).
     """
     from .io_utils import OutputSet
 
     if output_set is not None:
         return _convert(output_set, model, output, data, recipe, weights, activations, preprocess, onnx_output,
-                        holdout, limit, io_dtype, inputs, outputs, input_shape, progress)
+                        holdout, limit, io_dtype, inputs, outputs, input_shape, progress, weight_bits, rounding)
     with OutputSet() as outs:
         return _convert(outs, model, output, data, recipe, weights, activations, preprocess, onnx_output, holdout,
-                        limit, io_dtype, inputs, outputs, input_shape, progress)
+                        limit, io_dtype, inputs, outputs, input_shape, progress, weight_bits, rounding)
 
 
 def _convert(outs, model, output, data, recipe, weights, activations, preprocess, onnx_output, holdout, limit,
-             io_dtype, inputs, outputs, input_shape, progress) -> ConvertSummary:
+             io_dtype, inputs, outputs, input_shape, progress, weight_bits, rounding) -> ConvertSummary:
     from . import load, rewrite
     from .evaluate import evaluate
     from .images import ImageFolder, ImageSet, folder_reads
+    from .emit.storage import onnx_kernels, summarize, tflite_kernels
     from .report import jsonable
     from .tflite_inspect import float_ops, inspect_tflite
 
@@ -157,7 +199,7 @@ def _convert(outs, model, output, data, recipe, weights, activations, preprocess
     outs.add_input(folder if isinstance(folder, (str, os.PathLike)) else None, "the calibration images",
                    folder_reads)
     paths = plan_outputs(outs, output, onnx_output)
-    passes = _recipe_passes(recipe, weights, activations)
+    passes = recipe_passes(recipe, weights, activations, weight_bits, rounding)
     graph = load(model, inputs=inputs, outputs=outputs, input_shape=input_shape)
     if isinstance(data, ImageSet):
         images = data
@@ -188,7 +230,11 @@ def _convert(outs, model, output, data, recipe, weights, activations, preprocess
         if ev.top1 is not None:
             top1_q = ev.top1
             top1_f = evaluate(graph, held).top1
-    onnx_bytes = result.to_onnx(None).SerializeToString() if "onnx" in paths else None
+    onnx_model = result.to_onnx(None) if "onnx" in paths else None
+    onnx_bytes = onnx_model.SerializeToString() if onnx_model is not None else None
+    storage = {"tflite": summarize(tflite_kernels(flatbuffer), flatbuffer).to_dict()}
+    if onnx_model is not None:
+        storage["onnx"] = summarize(onnx_kernels(onnx_model), onnx_bytes).to_dict()
     summary = ConvertSummary(
         model=str(model if isinstance(model, (str, os.PathLike)) else getattr(model, "name", type(model).__name__)),
         output=str(paths["tflite"]), report_json=str(paths["report"]), recipe=recipe, weights=weights,
@@ -196,7 +242,8 @@ def _convert(outs, model, output, data, recipe, weights, activations, preprocess
         input_dtype=np.dtype(in_t.dtype).name, calibration_images=len(calib),
         holdout_images=0 if held is None else len(held), agreement=agreement, top1_float=top1_f, top1_int8=top1_q,
         labels_note=labels_note, onnx=str(paths["onnx"]) if "onnx" in paths else None,
-        passes=applied_passes(result.report))
+        passes=applied_passes(result.report), weight_bits=result.spec.weight_bits, rounding=result.spec.rounding,
+        storage=storage)
     summary.seconds = time.perf_counter() - t0
     doc = {"summary": summary.to_dict(), "report": result.report.to_dict()}
     outs.write_bytes(paths["tflite"], flatbuffer)

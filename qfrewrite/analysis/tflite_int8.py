@@ -7,8 +7,8 @@ nothing is run. For every ``CONV_2D``, ``DEPTHWISE_CONV_2D`` and ``FULLY_CONNECT
 * the **stored scales**: the weight scale per tensor or per output channel (min / median / max), and the scales
   and zero points of the layer's input and output activations;
 * the **levels each output channel uses**: the number of distinct integer codes among its weights. A symmetric int8
-  channel can use up to 255 (a uint8 one 256); a channel with **2 levels or fewer** keeps at most a sign (or nothing):
-  its weights were rounded to ``{0}`` or ``{0, +-1 step}``;
+  channel can use up to 255 (a uint8 one 256, an INT4 one 15); a channel with **2 levels or fewer** keeps at most a
+  sign (or nothing): its weights were rounded to ``{0}`` or ``{0, +-1 step}``;
 * **range domination** (per-tensor weights only): with one scale for the whole tensor, each channel's code span
   ``max q - min q`` is its share of the range. The layer's *spread* is the widest span over the median non-zero one;
   the channels that set it are the outliers of :func:`qfrewrite.analysis.channel_math.outlier_channels` (a robust
@@ -29,6 +29,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
@@ -36,6 +37,7 @@ import numpy as np
 from ..errors import ModelLoadError
 from ..importers.tflite_ops import layer_name
 from ..importers.tflite_reader import TFLiteFile, read_tflite
+from ..numerics.qdq import CONTAINERS
 from ..text_report import TextReport
 from . import channel_math as cm
 
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 
 #: A channel whose weights use this many distinct codes or fewer is flagged.
 FEW_LEVELS = 2
+#: the code range of an INT4 kernel (read as int8 codes)
+_INT4 = SimpleNamespace(min=CONTAINERS["int4"].lowest, max=CONTAINERS["int4"].highest)
 _WEIGHTED = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "dw", "FULLY_CONNECTED": "dense"}
 _LIST_CHANNELS = 8
 
@@ -148,7 +152,7 @@ def _layer(f: TFLiteFile, index: int, bits: int = 8) -> Optional[Int8Layer]:
     # output channels: axis 0 for CONV_2D (O, kh, kw, I) and FULLY_CONNECTED (O, I), axis 3 for depthwise
     axis = 3 if name == "DEPTHWISE_CONV_2D" else 0
     codes = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-    info = np.iinfo(w.dtype)
+    info = _INT4 if f.type_name(w_t) == "INT4" else np.iinfo(w.dtype)
     width = int(info.max) - int(info.min) + 1
     levels = _levels(codes, -int(info.min), width) if width <= 65536 else \
         np.array([np.unique(r).size for r in codes])

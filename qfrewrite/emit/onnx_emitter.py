@@ -11,12 +11,17 @@ padded pixels exactly as the TensorFlow lowering does (not for ``"SAME"``, yes f
 QDQ (``quantized=True``, or ``None`` with FakeQuant in the graph): a ``FakeQuant`` node becomes
 QuantizeLinear -> DequantizeLinear with the scale and zero point of its TensorFlow-nudged range
 (:mod:`qfrewrite.numerics.qdq`), per tensor or per channel (``axis`` 1); a kernel with ``node.weight_quant`` is
-stored as int8 codes (per output channel: ``axis`` 0 for Conv, 1 for Gemm) followed by DequantizeLinear; its bias,
+stored as integer codes (per output channel: ``axis`` 0 for Conv, 1 for Gemm) followed by DequantizeLinear: a grid of
+at most 4 bits as INT4 (opset 21, the default for such a graph: a 4-bit symmetric grid is the codes ``[-7, 7]``), a
+grid of 5 to 8 bits as int8 (``[-15, 15]`` for 5 bits: the fewer levels, no size saving), zero point 0; its bias,
 when the layer reads a quantized activation, as int32 codes with scale ``s_x * s_w`` (ONNX Runtime's QDQ fusions
 want this form, and TFLite quantizes biases the same way). Dequantized weights equal TensorFlow's fake-quantized ones;
 the int32 bias differs from the float one by at most half a step of ``s_x * s_w``. A Clip/Relu read only by a
 FakeQuant whose range lies inside the clip's bounds is dropped (exact: the fake quantization clamps first), so the
 Q/DQ pair follows the layer directly, the pattern ONNX Runtime fuses into QLinearConv/QGemm.
+
+ONNX Runtime 1.32's CPU provider runs INT4 DequantizeLinear, per tensor and per axis, and equals the simulation; it
+does not fuse an INT4 weight into QLinearConv (the Conv runs in float on the dequantized kernel).
 """
 from __future__ import annotations
 
@@ -29,14 +34,17 @@ import numpy as np
 from ..errors import EmitError
 from ..io_utils import atomic_write_bytes
 from ..ir import FakeQuantAttrs, Graph, Node, Op, Value, resolve_pads, same_pads, sole_reader
-from ..numerics.qdq import CONTAINERS, QParams, bias_codes, qparams, quantize_codes
+from ..numerics.qdq import QParams, bias_codes, qparams, quantize_codes, weight_storage_bits
 
-__all__ = ["emit_onnx", "ONNX_OPSETS"]
+__all__ = ["emit_onnx", "ONNX_OPSETS", "INT4_OPSET", "ACTIVATION_DTYPES", "default_opset"]
 
 log = logging.getLogger(__name__)
 
 #: opsets the emitter writes (13: per-axis QuantizeLinear; HardSwish from 14; ReduceMean axes as input from 18)
 ONNX_OPSETS = range(13, 22)
+#: the first opset whose DequantizeLinear reads INT4
+INT4_OPSET = 21
+ACTIVATION_DTYPES = ("uint8", "int8")
 _NHWC_TO_NCHW = (0, 3, 1, 2)
 _NCHW_TO_NHWC = (0, 2, 3, 1)
 _IR_AXIS_TO_NCHW = (0, 2, 3, 1)  # IR (N, H, W, C) axis j is ONNX (N, C, H, W) axis _IR_AXIS_TO_NCHW[j]
@@ -44,6 +52,16 @@ _IR_AXIS_TO_NCHW = (0, 2, 3, 1)  # IR (N, H, W, C) axis j is ONNX (N, C, H, W) a
 
 def _is_quantized(graph: Graph) -> bool:
     return any(n.op is Op.FAKE_QUANT or n.weight_quant is not None for n in graph)
+
+
+def _int4_kernels(graph: Graph) -> list:
+    """The kernels whose weight grid has at most 4 bits (stored as INT4 from opset 21)."""
+    return [n for n in graph if n.weight_quant is not None and weight_storage_bits(n.weight_quant.bits) == 4]
+
+
+def default_opset(graph: Graph, quantized: bool) -> int:
+    """13, or :data:`INT4_OPSET` when a quantized graph has a kernel of at most 4 bits (INT4 storage)."""
+    return INT4_OPSET if quantized and _int4_kernels(graph) else ONNX_OPSETS.start
 
 
 def _known(*dims) -> bool:
@@ -155,12 +173,16 @@ class _Emitter:
         except ValueError as exc:
             raise EmitError(f"{where}: {exc}") from None
 
+    def weight_container(self, bits: int) -> str:
+        """int4 for a grid of at most 4 bits (from opset 21), else int8."""
+        return "int4" if weight_storage_bits(bits) == 4 and self.opset >= INT4_OPSET else "int8"
+
     def weight(self, node: Node, w_onnx: np.ndarray, channel_axis: int, base: str):
-        """The kernel as a float initializer, or int8 codes + DequantizeLinear; returns (name, weight scale)."""
+        """The kernel as a float initializer, or integer codes + DequantizeLinear; returns (name, weight scale)."""
         fq = node.weight_quant
         if not (self.quantized and fq is not None):
             return self.init(w_onnx.astype(np.float32), base), None
-        q = self._qparams(fq, "int8", node.name)
+        q = self._qparams(fq, self.weight_container(fq.bits), node.name)
         codes = quantize_codes(w_onnx, q, axis=channel_axis)
         per_channel = q.scale.size > 1
         if per_channel and q.scale.size != w_onnx.shape[channel_axis]:
@@ -391,30 +413,39 @@ class _Emitter:
 
 
 def emit_onnx(graph: Graph, path: Optional[Union[str, os.PathLike]] = None, quantized: Optional[bool] = None,
-              *, activation_dtype: str = "uint8", opset: int = 13, int32_bias: bool = True):
+              *, activation_dtype: str = "uint8", opset: Optional[int] = None, int32_bias: bool = True):
     """Write ``graph`` as an NCHW ONNX model and return the ``onnx.ModelProto``.
 
     ``quantized=None``: QDQ when the graph carries FakeQuant (nodes or ``weight_quant``), else float;
     ``quantized=False`` writes the float function of a quantized graph. ``activation_dtype``: "uint8" (default) or
-    "int8" codes for activations, the same values either way (weights are always int8). ONNX Runtime's CPU provider
-    fuses uint8-activation QDQ into integer kernels throughout (torchvision MobileNetV2: 52 QLinearConv and 10
-    QLinearAdd), but with int8 activations it left 15 Convs and the 10 Adds in float. ``int32_bias``: store the bias of a layer that reads a quantized
-    activation as int32 codes (ONNX Runtime then runs integer kernels; outputs may differ from the float-bias
-    simulation by one quantization step where a value sits near a rounding boundary); ``False`` keeps float biases,
-    which reproduces the simulation exactly but leaves ONNX Runtime's layers in float. ``path``: written atomically;
-    the model is checked with ``onnx.checker`` first.
+    "int8" codes for activations, the same values either way (weights are int8, or INT4 for grids of at most 4
+    bits). ONNX Runtime's CPU provider fuses uint8-activation QDQ into integer kernels throughout (torchvision
+    MobileNetV2: 52 QLinearConv and 10 QLinearAdd), but with int8 activations it left 15 Convs and the 10 Adds in
+    float. ``int32_bias``: store the bias of a layer that reads a quantized activation as int32 codes (ONNX Runtime
+    then runs integer kernels; outputs may differ from the float-bias simulation by one quantization step where a
+    value sits near a rounding boundary); ``False`` keeps float biases, which reproduces the simulation exactly but
+    leaves ONNX Runtime's layers in float. ``opset``: 13..21; by default 13, or 21 when a kernel's weight grid has at
+    most 4 bits (INT4 weights; below 21 they are stored as int8 codes, with a warning). ``path``: written
+    atomically; the model is checked with ``onnx.checker`` first.
     """
     import onnx
 
-    if activation_dtype not in CONTAINERS:
-        raise EmitError(f"activation_dtype must be one of {sorted(CONTAINERS)}, got {activation_dtype!r}")
-    if opset not in ONNX_OPSETS:
-        raise EmitError(f"opset must be in {ONNX_OPSETS.start}..{ONNX_OPSETS.stop - 1}, got {opset}")
+    if activation_dtype not in ACTIVATION_DTYPES:
+        raise EmitError(f"activation_dtype must be one of {', '.join(ACTIVATION_DTYPES)}, got {activation_dtype!r}")
     has_q = _is_quantized(graph)
     if quantized is None:
         quantized = has_q
     if quantized and not has_q:
         raise EmitError("a QDQ model needs FakeQuant ranges: run InsertFakeQuant (with calibration data) first")
+    if opset is None:
+        opset = default_opset(graph, bool(quantized))
+    if opset not in ONNX_OPSETS:
+        raise EmitError(f"opset must be in {ONNX_OPSETS.start}..{ONNX_OPSETS.stop - 1}, got {opset}")
+    narrow = _int4_kernels(graph) if quantized and opset < INT4_OPSET else []
+    if narrow:
+        log.warning("opset %d has no INT4: the %d-bit weights of %d layer(s) (%s ...) are stored as int8 codes, "
+                    "with no size saving; opset %d stores them as INT4", opset, narrow[0].weight_quant.bits,
+                    len(narrow), narrow[0].name, INT4_OPSET)
     model = _Emitter(graph, bool(quantized), activation_dtype, opset, int32_bias).build()
     try:
         onnx.checker.check_model(model, full_check=True)

@@ -136,7 +136,8 @@ class TFLiteFile:
         return Quantization(np.asarray(q.scale, np.float64), np.asarray(zp, np.int64), int(q.quantizedDimension))
 
     def raw(self, tensor: int) -> Optional[np.ndarray]:
-        """The stored value of a constant tensor in its own dtype, or ``None`` when the tensor has no data."""
+        """The stored value of a constant tensor in its own dtype (INT4: int8 codes), or ``None`` when the tensor has
+        no data."""
         t = self.tensors[tensor]
         buf = self.model.buffers[t.buffer] if 0 < t.buffer < len(self.model.buffers) else None
         if buf is None:
@@ -147,6 +148,11 @@ class TFLiteFile:
             data = np.frombuffer(self.data, np.uint8, count=int(buf.size), offset=int(buf.offset))
         else:
             return None
+        if self.type_name(tensor) == "INT4":  # two codes a byte: unpacked to int8 codes in [-8, 7]
+            from ..numerics.qdq import unpack_int4
+
+            shape = self.shape(tensor)
+            return unpack_int4(data, int(np.prod(shape, dtype=np.int64))).reshape(shape)
         dtype = self.dtype(tensor)
         if dtype is None:
             raise ModelLoadError(f"{self.source}: constant tensor {self.name(tensor)!r} has type "

@@ -33,6 +33,56 @@ def test_convert_writes_int8_model_report_and_onnx(converted):
     onnx.checker.check_model(onnx.load(str(out.with_suffix(".onnx"))))
 
 
+def test_convert_summary_states_the_weight_storage_read_from_the_files(converted):
+    out, text = converted
+    assert "weights      8-bit (nearest rounding): TFLite int8 (kernels" in text and "ONNX int8" in text
+    summary = json.loads(out.with_suffix(".json").read_text())["summary"]
+    assert summary["weight_bits"] == 8 and summary["rounding"] == "nearest"
+    st = summary["storage"]
+    assert st["tflite"]["file_bytes"] == out.stat().st_size == summary["size_bytes"]
+    assert st["onnx"]["file_bytes"] == out.with_suffix(".onnx").stat().st_size
+    assert st["tflite"]["dtypes"] == st["onnx"]["dtypes"] == ["int8"]
+    assert st["tflite"]["kernel_bytes"] == st["tflite"]["int8_bytes"] == st["onnx"]["kernel_bytes"]
+
+
+def test_convert_with_4_bit_weights_writes_int4_kernels(tmp_path):
+    import onnx
+
+    from qfrewrite.emit.storage import onnx_kernels, tflite_kernels
+
+    out = tmp_path / "w4.tflite"
+    res = CliRunner().invoke(main, ["convert", str(DEMO_MODEL), "-o", str(out), "--data", str(DEMO_IMAGES),
+                                    "--preprocess", "inception", "--recipe", "plain", "--holdout", "0", "--limit", "3",
+                                    "--weight-bits", "4", "--rounding", "nearest", "--onnx", str(tmp_path / "w4.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "weights      4-bit (nearest rounding): TFLite int4 (kernels" in res.output
+    assert "at int8), ONNX int4" in res.output
+    assert_fully_integer(out)
+    st = json.loads(out.with_suffix(".json").read_text())["summary"]["storage"]
+    tfl, onx = tflite_kernels(out.read_bytes()), onnx_kernels(onnx.load(str(tmp_path / "w4.onnx")))
+    assert {k.dtype for k in tfl} == {k.dtype for k in onx} == {"int4"} and len(tfl) == len(onx) == 28
+    assert st["tflite"]["kernel_bytes"] == sum(k.bytes for k in tfl) and st["onnx"]["file_bytes"] == \
+        (tmp_path / "w4.onnx").stat().st_size
+    assert 2 * st["tflite"]["kernel_bytes"] - st["tflite"]["int8_bytes"] <= len(tfl)  # half a byte a weight
+
+
+def test_bad_weight_bits_and_rounding_are_usage_errors(tmp_path):
+    from qfrewrite.convert import recipe_passes
+    from qfrewrite.errors import QfrewriteError
+
+    for opt in (["--weight-bits", "9"], ["--weight-bits", "four"], ["--rounding", "stochastic"]):
+        res = CliRunner().invoke(main, ["convert", str(DEMO_MODEL), "-o", str(tmp_path / "x.tflite"), "--data",
+                                        str(DEMO_IMAGES), *opt])
+        assert res.exit_code == 2 and opt[0] in res.output and "Traceback" not in res.output
+    assert not list(tmp_path.iterdir())
+    spec = recipe_passes("dfq", "per_tensor", weight_bits=4).spec
+    assert (spec.weight_bits, spec.rounding, spec.weights) == (4, "nearest", "per_tensor")
+    with pytest.raises(QfrewriteError, match="weight_bits"):
+        recipe_passes("plain", weight_bits=1)
+    with pytest.raises(QfrewriteError, match="rounding"):
+        recipe_passes("plain", rounding="up")
+
+
 def test_eval_scores_a_tflite_file_against_a_reference(converted, tmp_path):
     out, _ = converted
     j = tmp_path / "eval.json"
