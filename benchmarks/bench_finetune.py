@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--loss", choices=["kl", "mse"], default="kl")
     ap.add_argument("--temperature", type=float, default=2.0)
-    ap.add_argument("--init", choices=["match", "identity"], default="match")
+    ap.add_argument("--init", choices=["refit", "match", "identity"], default="refit")
     ap.add_argument("--no-progress", action="store_true")
     add_output_options(ap)
     args = ap.parse_args(argv)

@@ -4,7 +4,7 @@
     qfrewrite convert MODEL -o OUT.tflite --data DIR [--recipe plain|dfq|qualcomm] [--weights per-tensor|per-channel]
                       [--preprocess P] [--onnx OUT.onnx]
     qfrewrite eval MODEL --data DIR [--reference FLOAT_MODEL]
-    qfrewrite finetune MODEL --data DIR -o OUT.keras [--epochs N] [--loss kl|mse] [--init match|identity] ...
+    qfrewrite finetune MODEL --data DIR -o OUT.keras [--epochs N] [--loss kl|mse] [--init refit|match|identity] ...
     qfrewrite demo
 
 Adding a command: decorate a function with ``@main.command()``, add :func:`data_options` for the shared calibration
@@ -400,9 +400,10 @@ def eval_(model, data, preprocess, reference, limit, label_offset, outputs, json
               help="kl: KL divergence of temperature-softened logits; mse: mean squared error of the logits.")
 @click.option("--temperature", default=2.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="The temperature of --loss kl.")
-@click.option("--init", type=click.Choice(["match", "identity"]), default="match", show_default=True,
-              help="match: the student's BatchNorms give each pointwise layer the teacher's per-channel mean and "
-                   "std; identity: they start as the identity.")
+@click.option("--init", type=click.Choice(["refit", "match", "identity"]), default="refit", show_default=True,
+              help="refit: each pointwise conv solved by least squares against the teacher's output, then as match; "
+                   "match: the student's BatchNorms give each pointwise layer the teacher's per-channel mean and "
+                   "std; identity: they only normalise.")
 @click.option("--holdout", type=click.IntRange(1), default=None,
               help="Images held back to measure top-1 agreement with the teacher (default: 10%, at most 100).")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per step.")

@@ -9,12 +9,13 @@ pointwise conv of Keras MobileNetV1 0.25), the softmax saturates and the gradien
    of it, emitted to Keras with its logits as the output (:func:`~qfrewrite.emit.keras_emitter.emit_keras`,
    ``logits=True``) and a ``BatchNormalization`` after every non-depthwise layer that feeds a ReLU / ReLU6
    (:func:`normalised_layers`): the layers whose activations training must keep in range.
-2. **data-driven initialisation** (``init="match"``): layer by layer in graph order, each inserted BN gets as moving
-   statistics the mean and variance of its input in the student (with the BNs before it already set), and as
-   gamma / beta the standard deviation and mean of the same layer's pre-activation in the teacher, on the training
-   images. Each pointwise pre-activation then has the teacher's per-channel first two moments, so the student starts
-   with activations in the teacher's range (and already near the teacher's predictions) instead of at 0.2%.
-   ``init="identity"``: the BNs compute the identity at the start (the student is the rewritten graph).
+2. **data-driven initialisation**, layer by layer in graph order on the training images (each layer sees the
+   layers before it already set). ``init="refit"`` (the default): every pointwise layer (1x1 conv, Dense: a linear
+   map per position) gets the least-squares weights that map its input in the student to its output in the teacher,
+   then its BN is set as for ``match``. ``init="match"``: each inserted BN gets as moving statistics the mean and
+   variance of its input in the student, and as gamma / beta the standard deviation and mean of the same layer's
+   pre-activation in the teacher, so each pointwise pre-activation has the teacher's per-channel first two moments.
+   ``init="identity"``: the BNs only normalise (gamma 1, beta 0).
 3. **distillation** with Adam on random crops (the image resized to ``shorter side = crop / 0.875`` and a random
    ``crop``-sized window taken) and horizontal flips, so a small folder serves many epochs. ``loss="kl"``:
    ``T^2 KL(softmax(t / T) || softmax(s / T))`` on the logits ``t`` (teacher) and ``s`` (student);
