@@ -68,11 +68,16 @@ class Result:
             return contextlib.nullcontext()
         return one_output(path, what, [("the source model", self.graph.meta.get("source"))])
 
-    def to_keras(self):
-        """A float Keras model of the graph (for fine-tuning in TensorFlow before quantizing)."""
+    def to_keras(self, logits: bool = False, batchnorm_after=()):
+        """A float Keras model of the graph (for fine-tuning in TensorFlow before quantizing).
+
+        ``logits=True``: outputs that a Softmax produces are emitted as the Softmax's input (for a distillation
+        loss); ``batchnorm_after``: layer names after which an identity BatchNormalization is inserted (see
+        :mod:`qfrewrite.emit.keras_emitter`; :mod:`qfrewrite.finetune` chooses and initialises them).
+        """
         from .emit.keras_emitter import emit_keras
 
-        return emit_keras(self.graph)
+        return emit_keras(self.graph, logits=logits, batchnorm_after=batchnorm_after)
 
     def __repr__(self) -> str:
         return f"<Result {self.graph!r}, {len(self.report)} passes>"

@@ -4,6 +4,7 @@
     qfrewrite convert MODEL -o OUT.tflite --data DIR [--recipe plain|dfq|qualcomm] [--weights per-tensor|per-channel]
                       [--weight-bits N] [--rounding nearest|learned] [--preprocess P] [--onnx OUT.onnx]
     qfrewrite eval MODEL --data DIR [--reference FLOAT_MODEL]
+    qfrewrite finetune MODEL --data DIR -o OUT.keras [--epochs N] [--loss kl|mse] [--init refit|match|identity] ...
     qfrewrite demo
 
 Adding a command: decorate a function with ``@main.command()``, add :func:`data_options` for the shared calibration
@@ -387,6 +388,52 @@ def eval_(model, data, preprocess, reference, limit, label_offset, outputs, json
         click.echo(f"{model}: {res}")
         if json_out:
             outs.write_bytes(json_out, json.dumps(res.to_dict(), indent=2).encode())
+
+
+@main.command()
+@click.argument("model", type=str)
+@click.option("--data", "data", required=True, type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="Training images (JPEG/PNG, flat or one folder per class; no labels needed).")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), metavar="OUT.keras",
+              help="The fine-tuned Keras model to write (.keras or .h5).")
+@click.option("--epochs", default=10, show_default=True, type=click.IntRange(0), help="Passes over the images.")
+@click.option("--minutes", type=click.FloatRange(0, min_open=True), default=None,
+              help="Stop after the epoch that passes this many minutes of training.")
+@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Adam's initial learning rate (cosine decay to 0 over --epochs).")
+@click.option("--loss", type=click.Choice(["kl", "mse"]), default="kl", show_default=True,
+              help="kl: KL divergence of temperature-softened logits; mse: mean squared error of the logits.")
+@click.option("--temperature", default=2.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="The temperature of --loss kl.")
+@click.option("--init", type=click.Choice(["refit", "match", "identity"]), default="refit", show_default=True,
+              help="refit: each pointwise conv solved by least squares against the teacher's output, then as match; "
+                   "match: the student's BatchNorms give each pointwise layer the teacher's per-channel mean and "
+                   "std; identity: they only normalise.")
+@click.option("--holdout", type=click.IntRange(1), default=None,
+              help="Images held back to measure top-1 agreement with the teacher (default: 10%, at most 100).")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per step.")
+@click.option("--preprocess", default=None, metavar="P",
+              help="Image preprocessing: inception, torch, tf-slim, efficientnet-lite, raw, or MEAN/STD in 0..255 "
+                   "units. Default: the model's own, when it declares one.")
+@click.option("--limit", type=click.IntRange(1), default=None, help="Use at most this many images of --data.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the crops, flips and image order.")
+@input_shape_option
+@reports_errors
+def finetune(model, data, output, epochs, minutes, lr, loss, temperature, init, holdout, batch_size, preprocess,
+             limit, seed, input_shape) -> None:
+    """Distil MODEL into its Qualcomm architecture (depthwise convs without BN and ReLU6, ReLU in the pointwise
+    convs) on the unlabelled images of --data, and write the fine-tuned float Keras model to OUT.
+
+    The teacher is MODEL as given; the student gets BatchNorms after its pointwise convs, initialised from the
+    teacher's statistics, and is trained on random crops and flips. A progress bar shows the loss and the top-1
+    agreement with the teacher on held-back images. OUT goes back through 'qfrewrite convert' like any Keras model.
+    """
+    from .finetune import finetune as run_finetune
+
+    result = run_finetune(model, data, output, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
+                          temperature=temperature, holdout=holdout, init=init, preprocess=parse_preprocess(preprocess),
+                          limit=limit, input_shape=input_shape, seed=seed, max_minutes=minutes)
+    click.echo(str(result))
 
 
 @main.command()

@@ -18,6 +18,13 @@ back anywhere, also through :func:`qfrewrite.load`:
 * GlobalMean, Reshape, Flatten, Concat, Normalize (``Rescaling``) -> their Keras layers.
 
 FakeQuant nodes and ``weight_quant`` annotations are dropped: the model is the float function of the graph.
+
+For training (:mod:`qfrewrite.finetune`): ``logits=True`` emits each graph output that a Softmax produces as that
+Softmax's input (the logits), so a distillation loss sees an unsaturated signal; ``batchnorm_after`` names layers
+after which a ``BatchNormalization`` is inserted, initialised to the identity (gamma 1, beta 0, moving mean 0,
+moving variance ``1 - eps``: ``(x - 0) / sqrt(1 - eps + eps) * 1 + 0 = x``), so the emitted model still computes the
+graph's function until its statistics are set or trained; the layer is named ``<layer>_bn`` (``<layer>_bn1`` ... when
+the graph has a node of that name, which keeps its own).
 Layer names are the node names with ``/`` replaced by ``__`` (Keras forbids ``/``).
 Not emitted (``EmitError`` naming the node): non-zero Pad values, MaxPool with explicit non-SAME padding, constants
 that are neither scalars nor per-channel vectors, constant graph outputs.
@@ -26,16 +33,22 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import numpy as np
 
 from ..errors import EmitError
 from ..ir import Graph, Node, Op, Value, resolve_pads, same_pads
 
-__all__ = ["emit_keras"]
+__all__ = ["emit_keras", "keras_layer_name"]
 
 log = logging.getLogger(__name__)
+
+
+def keras_layer_name(node_name: str) -> str:
+    """The Keras layer name of an IR node (``/`` -> ``__``, other characters Keras refuses -> ``_``), before
+    de-duplication."""
+    return re.sub(r"[^0-9A-Za-z_.\-]", "_", node_name.replace("/", "__")) or "layer"
 
 
 class _Names:
@@ -43,7 +56,7 @@ class _Names:
         self.used = set()
 
     def __call__(self, base: str) -> str:
-        name = re.sub(r"[^0-9A-Za-z_.\-]", "_", base.replace("/", "__")) or "layer"
+        name = keras_layer_name(base)
         out, i = name, 1
         while out in self.used:
             out = f"{name}_{i}"
@@ -84,7 +97,7 @@ def _neg(c):
 
 
 class _Emitter:
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, logits: bool = False, batchnorm_after: Iterable[str] = ()):
         import keras
 
         self.keras = keras
@@ -92,6 +105,11 @@ class _Emitter:
         self.graph = graph
         self.names = _Names()
         self.dropped = 0
+        self.logits = logits
+        self.batchnorm_after = set(batchnorm_after)
+        unknown = self.batchnorm_after - {n.name for n in graph.nodes}
+        if unknown:
+            raise EmitError(f"batchnorm_after names no layer of graph {graph.name!r}: {sorted(unknown)}")
 
     def apply(self, cls, node: Node, x, suffix: str = "", weights=None, **kw):
         layer = cls(name=self.names(node.name + suffix), **kw)
@@ -203,6 +221,17 @@ class _Emitter:
             return x
         raise EmitError(f"{node.name}: no Keras layer for {op.value}")
 
+    def identity_batchnorm(self, node: Node, x):
+        eps = 1e-3
+        channels = int(node.output.shape[-1])
+        ones, zeros = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+        taken = {keras_layer_name(n.name) for n in self.graph.nodes}  # the graph's own layers keep their names
+        suffix, i = "_bn", 1
+        while keras_layer_name(node.name + suffix) in taken:
+            suffix, i = f"_bn{i}", i + 1
+        return self.apply(self.L.BatchNormalization, node, x, suffix, axis=-1, epsilon=eps,
+                          weights=[ones, zeros, zeros, ones - np.float32(eps)])
+
     def run(self):
         keras = self.keras
         env: Dict[str, object] = {}
@@ -216,6 +245,8 @@ class _Emitter:
                 self.dropped += 1
             try:
                 env[node.output.name] = self.node(node, env)
+                if node.name in self.batchnorm_after:
+                    env[node.output.name] = self.identity_batchnorm(node, env[node.output.name])
             except EmitError:
                 raise
             except (ValueError, TypeError) as exc:  # Keras refuses a layer configuration
@@ -224,6 +255,8 @@ class _Emitter:
         for v in self.graph.outputs:
             if v.is_const:
                 raise EmitError(f"graph output {v.name} is a constant; a Keras model needs computed outputs")
+            if self.logits and v.producer is not None and v.producer.op is Op.SOFTMAX:
+                v = v.producer.inputs[0]
             outs.append(env[v.name])
         model = keras.Model(inputs if len(inputs) > 1 else inputs[0], outs if len(outs) > 1 else outs[0],
                             name=self.names(self.graph.name))
@@ -232,11 +265,13 @@ class _Emitter:
         return model
 
 
-def emit_keras(graph: Graph):
+def emit_keras(graph: Graph, logits: bool = False, batchnorm_after: Iterable[str] = ()):
     """A float Keras 3 functional model computing the same function as ``graph`` (FakeQuant dropped).
 
-    The graph is not modified. Raises :class:`EmitError` naming the node that has no Keras equivalent.
+    ``logits``: outputs produced by a Softmax are emitted as its input; ``batchnorm_after``: layer names after which
+    an identity ``BatchNormalization`` is inserted (see the module docstring). The graph is not modified. Raises
+    :class:`EmitError` naming the node that has no Keras equivalent.
     """
     if not graph.inputs:
         raise EmitError(f"graph {graph.name!r} has no inputs")
-    return _Emitter(graph).run()
+    return _Emitter(graph, logits, batchnorm_after).run()
