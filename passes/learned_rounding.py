@@ -42,6 +42,7 @@ from qfrewrite.contracts import Contract, Property
 from qfrewrite.errors import QfrewriteError
 from qfrewrite.ir import WEIGHTED_OPS, FakeQuantAttrs, Graph, Node, layer_kind, set_bias, set_kernel
 from qfrewrite.numerics.kernels import as_rows, from_rows
+from qfrewrite.numerics.metrics import power_ratio_db
 from qfrewrite.numerics.quantize import nudge
 from qfrewrite.numerics.rounding import Grid, round_rows, row_errors
 from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
@@ -63,12 +64,6 @@ def _grid(node: Node, fq: FakeQuantAttrs, rows_shape) -> Grid:
         return Grid(nlo.reshape(1), step.reshape(1), n)
     shape = rows_shape[:-1] + (1,)  # (R, 1) or (C, M, 1): output channel c*M+m is row (c, m)
     return Grid(nlo.reshape(shape), step.reshape(shape), n)
-
-
-def _sqnr_db(signal: float, error: float) -> float:
-    if error <= 0:
-        return float("inf")
-    return float(10 * np.log10(max(signal, 1e-30) / error))
 
 
 class LearnedRounding(Pass):
@@ -127,7 +122,7 @@ class LearnedRounding(Pass):
                      - np.einsum("...rk,...k->...r", w, ref_mean)).reshape(-1)  # depthwise: (C, M) -> c*M+m
             base = node.bias.const.astype(np.float64) if node.bias is not None else 0.0
             set_bias(graph, node, base - shift, "rounded")
-        near_db, chosen_db = _sqnr_db(signal, float(e_near.sum())), _sqnr_db(signal, float(e_chosen.sum()))
+        near_db, chosen_db = power_ratio_db(signal, e_near.sum()), power_ratio_db(signal, e_chosen.sum())
         return {"nearest_sqnr_db": near_db, "learned_sqnr_db": chosen_db,
                 "learned_channels": int(learned.sum()), "channels": int(learned.size)}
 

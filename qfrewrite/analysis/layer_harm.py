@@ -41,6 +41,7 @@ import numpy as np
 
 from ..errors import DataError
 from ..ir import WEIGHTED_OPS, FakeQuantAttrs, Graph, Node
+from ..numerics.metrics import power_ratio_db
 from ..quant.observers import chunk_size
 from ..quant.weights import GRANULARITIES, quantized_kernel, weight_quant_attrs
 from .channel_stats import LayerStats, activation_tensor
@@ -306,7 +307,7 @@ def measure_layer_harm(graph: Graph, batches: Iterable[np.ndarray], *,
         raise DataError("no images to measure the layer harm on")
 
     def db(n):
-        return math.inf if n == 0 else 10.0 * math.log10(max(signal, 1e-30) / n)
+        return power_ratio_db(signal, n)
 
     out: Dict[str, LayerHarm] = {}
     for node in nodes:

@@ -1,5 +1,6 @@
 """How far one set of model outputs is from another, in framework-free numpy.
 
+* :func:`power_ratio_db`: ``10 log10(signal / noise)`` of two powers, ``inf`` when there is no noise;
 * :func:`sqnr_db`: ``10 log10(sum(ref**2) / sum((ref - out)**2))``, ``inf`` when identical;
 * :func:`output_drift`: that SQNR over several outputs, their largest absolute difference and the top-1 agreement
   of the first output (the pass manager's drift of a non-exact pass, and ``evaluate``'s comparison to a reference).
@@ -10,14 +11,20 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-__all__ = ["sqnr_db", "output_drift"]
+__all__ = ["power_ratio_db", "sqnr_db", "output_drift"]
+
+
+def power_ratio_db(signal: float, noise: float) -> float:
+    """``10 log10(signal / noise)`` in dB, the signal floored at 1e-30; ``inf`` when ``noise <= 0`` (no error, or
+    round-off below zero of an error computed in closed form)."""
+    return float("inf") if noise <= 0 else float(10.0 * np.log10(max(float(signal), 1e-30) / float(noise)))
 
 
 def sqnr_db(reference: np.ndarray, output: np.ndarray) -> float:
     """``10 log10(sum(ref**2) / sum((ref - out)**2))`` (inf when identical)."""
     ref = np.asarray(reference, np.float64)
     noise = float(np.sum((ref - np.asarray(output, np.float64)) ** 2))
-    return float("inf") if noise == 0 else 10.0 * np.log10(max(float(np.sum(ref ** 2)), 1e-30) / noise)
+    return power_ratio_db(float(np.sum(ref ** 2)), noise)
 
 
 def output_drift(reference: Sequence[np.ndarray], outputs: Sequence[np.ndarray]) -> Dict[str, float]:

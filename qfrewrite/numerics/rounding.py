@@ -89,11 +89,13 @@ def output_errors(q: np.ndarray, w: np.ndarray, h: np.ndarray, cross: Optional[n
 
 
 def _damped(h: np.ndarray, damping: float) -> np.ndarray:
+    """``H`` with dead inputs (``H_jj <= 0``) given a unit diagonal, then ``damping * mean(diag H)`` added to the
+    diagonal (batched over leading axes)."""
     h = np.array(h, np.float64, copy=True)
     idx = np.arange(h.shape[-1])
     diag = h[..., idx, idx]
-    h[..., idx, idx] = np.where(diag <= 0, 1.0, diag) + damping * np.maximum(diag.mean(axis=-1, keepdims=True),
-                                                                              1e-30)
+    diag = np.where(diag <= 0, 1.0, diag)
+    h[..., idx, idx] = diag + damping * diag.mean(axis=-1, keepdims=True)
     return h
 
 
@@ -104,24 +106,13 @@ def target_rows(w: np.ndarray, h: np.ndarray, cross: np.ndarray, damping: float 
 
 
 def _upper_inverse_factor(h: np.ndarray, damping: float) -> np.ndarray:
-    """The upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U``), batched over leading axes; dead inputs
-    (``H_jj = 0``) get a unit diagonal first."""
-    h = np.array(h, np.float64, copy=True)
-    k = h.shape[-1]
-    diag = np.einsum("...jj->...j", h)
-    dead = diag <= 0
-    idx = np.arange(k)
-    h[..., idx, idx] = np.where(dead, 1.0, diag)
-    diag = np.einsum("...jj->...j", h)
-    lam = damping * diag.mean(axis=-1, keepdims=True)
+    """The upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` (``U^T U``) for :func:`_damped` ``H``, batched over
+    leading axes."""
     for scale in (1.0, 10.0, 100.0, 1000.0):  # more damping when H is too ill-conditioned to factor
         try:
-            damped = h.copy()
-            damped[..., idx, idx] += scale * lam
-            inv = np.linalg.inv(damped)
+            inv = np.linalg.inv(_damped(h, scale * damping))
             inv = 0.5 * (inv + np.swapaxes(inv, -1, -2))
-            lower = np.linalg.cholesky(inv)
-            return np.swapaxes(lower, -1, -2)
+            return np.swapaxes(np.linalg.cholesky(inv), -1, -2)
         except np.linalg.LinAlgError:
             continue
     raise np.linalg.LinAlgError("the input second-moment matrix could not be factored even with heavy damping")
@@ -142,8 +133,7 @@ def gptq_round(w: np.ndarray, h: np.ndarray, grid: Grid, damping: float = 0.01, 
     if order and w.ndim == 2:
         perm = np.argsort(-np.diag(h), kind="stable")
         w = w[:, perm]
-        h = h[np.ix_(perm, perm)]
-        grid = Grid(grid.nlo, grid.step, grid.n)  # per-row grids do not depend on the column order
+        h = h[np.ix_(perm, perm)]  # (per-row grids do not depend on the column order)
     u = _upper_inverse_factor(h, damping)
     work = w.copy()
     q = np.empty_like(work)
@@ -175,8 +165,7 @@ def refine(w: np.ndarray, q: np.ndarray, h: np.ndarray, grid: Grid, sweeps: int 
     codes = grid.codes(np.asarray(q, np.float64))
     w = np.asarray(w, np.float64)
     step = np.broadcast_to(grid.step, w.shape[:-1] + (1,))[..., 0]
-    d = grid.values(codes) - w
-    g = d @ h  # (..., R, K): (d_r H)_j
+    g = (grid.values(codes) - w) @ h  # (..., R, K): (d_r H)_j, kept up to date as weights move
     hjj = np.einsum("...jj->...j", h)
     for _ in range(sweeps):
         moved = False
@@ -190,7 +179,6 @@ def refine(w: np.ndarray, q: np.ndarray, h: np.ndarray, grid: Grid, sweeps: int 
                 continue
             moved = True
             codes[..., j] += np.sign(delta)
-            d[..., j] += delta
             g += delta[..., None] * h[..., j, None, :]
         if not moved:
             break
