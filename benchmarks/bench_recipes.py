@@ -27,7 +27,6 @@ Prints Markdown tables and writes ``--json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -40,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import MODELS, SHARED, split_images  # noqa: E402
+from benchmarks.common import MODELS, load_shared_model, shared_images_present, write_rows  # noqa: E402
 
 log = logging.getLogger("bench_recipes")
 
@@ -88,17 +87,9 @@ def op_counts(flatbuffer: bytes) -> Dict[str, int]:
 
 def run(models, granularities, n_calib: int, n_eval: int, threads, rounds: int, invokes: int, time_rounds: int,
         skip, save=None, warmup: bool = True) -> List[Dict]:
-    import qfrewrite
-    from qfrewrite.images import ImageFolder
-
     rows: List[Dict] = []
     for name in models:
-        spec = MODELS[name]
-        graph = qfrewrite.load(SHARED / spec["file"], **spec.get("load", {}))
-        offset = 1 if graph.outputs[0].shape[-1] == 1001 else 0
-        images = ImageFolder(SHARED / "images" / "imagenet_sample", preprocess=spec["preprocess"],
-                             progress=False).read(graph)
-        calib, evals = split_images(images, n_calib, n_eval)
+        graph, offset, calib, evals = load_shared_model(name, n_calib, n_eval)
         calib_array = np.concatenate(list(calib.batches()))
         files: Dict[tuple, bytes] = {}
         seconds: Dict[tuple, List[float]] = {}
@@ -207,8 +198,7 @@ def main(argv=None) -> int:
                     help="time the files a --save run kept in DIR (no conversion)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if not (SHARED / "images" / "imagenet_sample").exists():
-        print(f"the benchmark needs {SHARED} (models and images); set QFREWRITE_SHARED", file=sys.stderr)
+    if not shared_images_present():
         return 2
     if args.latency_only:
         return latency_only(args.latency_only, args.models, args.granularity, args.threads, args.rounds,
@@ -217,9 +207,7 @@ def main(argv=None) -> int:
                args.time_rounds, args.skip, args.save)
     print(tables(rows, [] if "latency" in args.skip else args.threads))
     if args.json:
-        from qfrewrite.io_utils import atomic_write_bytes
-
-        atomic_write_bytes(args.json, json.dumps(rows, indent=2).encode())
+        write_rows(rows, args.json)
     return 0
 
 

@@ -16,7 +16,6 @@ Prints a Markdown table and writes ``--json``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import MODELS, SHARED, split_images  # noqa: E402
+from benchmarks.common import MODELS, load_shared_model, shared_images_present, write_rows  # noqa: E402
 
 log = logging.getLogger("bench_rounding")
 
@@ -45,18 +44,12 @@ def _pass_seconds(report, name: str) -> float:
 def run(models, granularities, bits_list, roundings, recipe: str, n_calib: int, n_eval: int) -> List[Dict]:
     import qfrewrite
     from qfrewrite import recipes
-    from qfrewrite.images import ImageFolder
 
     from benchmarks.bench_passes import top1, top1_tflite
 
     rows: List[Dict] = []
     for name in models:
-        spec = MODELS[name]
-        graph = qfrewrite.load(SHARED / spec["file"], **spec.get("load", {}))
-        offset = 1 if graph.outputs[0].shape[-1] == 1001 else 0
-        images = ImageFolder(SHARED / "images" / "imagenet_sample", preprocess=spec["preprocess"],
-                             progress=False).read(graph)
-        calib, evals = split_images(images, n_calib, n_eval)
+        graph, offset, calib, evals = load_shared_model(name, n_calib, n_eval)
         float_top1 = top1(graph, evals, offset, quantize=False)
         print(f"{name}: float top-1 {float_top1:.1f}", flush=True)
         for bits in bits_list:
@@ -107,15 +100,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if not (SHARED / "images" / "imagenet_sample").exists():
-        print(f"the benchmark needs {SHARED} (models and images); set QFREWRITE_SHARED", file=sys.stderr)
+    if not shared_images_present():
         return 2
     rows = run(args.models, args.granularity, args.bits, args.rounding, args.recipe, args.calib, args.eval)
     print(table(rows))
     if args.json:
-        from qfrewrite.io_utils import atomic_write_bytes
-
-        atomic_write_bytes(args.json, json.dumps(rows, indent=2).encode())
+        write_rows(rows, args.json)
     return 0
 
 

@@ -16,7 +16,6 @@ difference in steps).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -28,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import SHARED, split_images  # noqa: E402
+from benchmarks.common import SHARED, shared_images_present, split_images, write_rows  # noqa: E402
 
 ARCHS = ("MobileNetV3Small", "MobileNetV3Large")
 
@@ -44,24 +43,12 @@ def build(arch: str, size: int, seed: int):
     return m
 
 
-def _tflite_outputs(fb: bytes, x: np.ndarray) -> np.ndarray:
-    from qfrewrite.tflite_inspect import interpreter
-
-    it = interpreter(fb)
-    inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    ys = []
-    for i in range(len(x)):
-        it.set_tensor(inp["index"], x[i:i + 1])
-        it.invoke()
-        ys.append(it.get_tensor(out["index"]).copy())
-    return np.concatenate(ys)
-
-
 def run(archs, size: int, granularities, roundings, recipes_: List[str], n_calib: int, n_eval: int,
         n_layer_check: int, seed: int) -> List[Dict]:
     import qfrewrite
     from qfrewrite import recipes
     from qfrewrite.backend.executor import Executor
+    from qfrewrite.evaluate import predict
     from qfrewrite.images import ImageFolder
     from qfrewrite.numerics.metrics import output_drift
     from qfrewrite.tflite_inspect import layer_agreement
@@ -84,7 +71,7 @@ def run(archs, size: int, granularities, roundings, recipes_: List[str], n_calib
                     fb = res.to_tflite()
                     sec = time.perf_counter() - t0
                     sim = output_drift(reference, Executor(res.graph, quantize=True)(x))
-                    file = output_drift(reference, [_tflite_outputs(fb, x)])
+                    file = output_drift(reference, [predict(fb, x)])
                     layers = layer_agreement(res.graph, fb, x[:n_layer_check])
                     worst = min(layers.values(), key=lambda a: a["within_1_lsb"])
                     row = {"arch": arch, "float_classes": classes, "recipe": recipe, "granularity": gran, "rounding": rounding,
@@ -126,16 +113,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    if not (SHARED / "images" / "imagenet_sample").exists():
-        print(f"the benchmark needs {SHARED} (images); set QFREWRITE_SHARED", file=sys.stderr)
+    if not shared_images_present("images"):
         return 2
     rows = run(args.archs, args.size, args.granularity, args.rounding, args.recipes, args.calib, args.eval,
                args.layer_check, args.seed)
     print(table(rows))
     if args.json:
-        from qfrewrite.io_utils import atomic_write_bytes
-
-        atomic_write_bytes(args.json, json.dumps(rows, indent=2).encode())
+        write_rows(rows, args.json)
     return 0
 
 

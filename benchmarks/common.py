@@ -22,6 +22,38 @@ MODELS = {
 }
 
 
+def shared_images_present(what: str = "models and images") -> bool:
+    """True when ../shared holds the image folder; False, said on stderr, otherwise."""
+    if (SHARED / "images" / "imagenet_sample").exists():
+        return True
+    print(f"the benchmark needs {SHARED} ({what}); set QFREWRITE_SHARED", file=sys.stderr)
+    return False
+
+
+def load_shared_model(name: str, n_calib: int, n_eval: int):
+    """``(graph, label offset, calibration ImageSet, evaluation ImageSet)`` of ../shared model ``name`` (see
+    :data:`MODELS`): the imported graph, 1 when its classifier has a background class (1001 outputs) else 0, and the
+    :func:`split_images` halves of the image folder, decoded with the model's preprocessing."""
+    import qfrewrite
+    from qfrewrite.images import ImageFolder
+
+    spec = MODELS[name]
+    graph = qfrewrite.load(SHARED / spec["file"], **spec.get("load", {}))
+    offset = 1 if graph.outputs[0].shape[-1] == 1001 else 0
+    images = ImageFolder(SHARED / "images" / "imagenet_sample", preprocess=spec["preprocess"],
+                         progress=False).read(graph)
+    return (graph, offset, *split_images(images, n_calib, n_eval))
+
+
+def write_rows(rows, path) -> None:
+    """The benchmark's rows as JSON at ``path``, atomically."""
+    import json
+
+    from qfrewrite.io_utils import atomic_write_bytes
+
+    atomic_write_bytes(path, json.dumps(rows, indent=2).encode())
+
+
 def split_images(images, n_calib: int, n_eval: int):
     """Disjoint subsets of an ImageSet: calibration from the even positions, evaluation from the odd ones (the
     folder is sorted by class, so both spread over the classes)."""
