@@ -32,6 +32,17 @@ def randomize_bn(model, rng) -> None:
             layer.set_weights([w.astype(np.float32) for w in ws])
 
 
+def mobilenet_v3_small(hw: int, seed: int = 3):
+    """Keras's MobileNetV3Small (alpha 0.75, logits out, inputs 0..255) at ``hw`` x ``hw`` with random BatchNorm
+    statistics (:func:`randomize_bn` with ``seed``)."""
+    import keras
+
+    m = keras.applications.MobileNetV3Small(input_shape=(hw, hw, 3), alpha=0.75, weights=None,
+                                            classifier_activation=None, include_preprocessing=True)
+    randomize_bn(m, np.random.default_rng(seed))
+    return m
+
+
 def zoo_model(hw=16):
     """A functional model touching most supported layer classes (including Keras 3 ops on tensors)."""
     import keras

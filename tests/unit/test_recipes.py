@@ -98,15 +98,12 @@ def test_dfq_is_not_worse_than_plain_on_a_mobilenet_v3(rng):
     """MobileNetV3 (hard-swish, squeeze-excite, hard-sigmoid gates) with non-trivial BatchNorm statistics: on inputs
     that neither recipe saw, dfq's int8 outputs are at least as close to float as plain's (within 0.5 dB: the choice
     is made on held-back calibration images, not on these)."""
-    keras = pytest.importorskip("keras")
+    pytest.importorskip("keras")
     from qfrewrite.backend.executor import Executor
     from qfrewrite.numerics.metrics import output_drift
-    from tests.keras_models import randomize_bn
+    from tests.keras_models import mobilenet_v3_small
 
-    m = keras.applications.MobileNetV3Small(input_shape=(96, 96, 3), alpha=0.75, weights=None,
-                                            classifier_activation=None, include_preprocessing=True)
-    randomize_bn(m, np.random.default_rng(3))
-    g = qfrewrite.load(m)
+    g = qfrewrite.load(mobilenet_v3_small(96))
     calib = rng.uniform(0, 255, (48, 96, 96, 3)).astype(np.float32)
     fresh = rng.uniform(0, 255, (24, 96, 96, 3)).astype(np.float32)
     reference = Executor(g)(fresh)
