@@ -23,6 +23,14 @@ topological order, the graph up to the layer is run with every kernel before it 
 corrected) and the layer's bias shifted by ``E[y_q] - E[y]`` of its output, ``E[y]`` from the float graph. This
 costs one run of the data through the graph up to each layer (about ``layers / 2`` full passes).
 
+Activation statistics: the corrected float graph is not what the int8 model computes. With ``W_q`` and the
+corrected bias a layer's output has, in expectation over the calibration data, the mean of the float layer before
+the correction (that is what the correction is for), so the activations the int8 model holds are those of the graph
+as it came in, not those of the corrected graph with float kernels. The pass therefore hands on the cached
+activation statistics of the graph before it (:class:`~qfrewrite.quant.observers.ActivationStats`, when a shared
+calibration pass or an earlier pass left them) as those of its graph, and InsertFakeQuant calibrates its ranges on
+them without another pass over the data.
+
 Not exact (the float function changes by design); the pass manager reports the drift. Left alone: layers whose
 kernel quantizes without error.
 """
@@ -40,6 +48,7 @@ from qfrewrite.errors import QfrewriteError
 from qfrewrite.ir import WEIGHTED_OPS, Graph, Node, layer_kind, resolve_pads, set_bias
 from qfrewrite.numerics.bias import mean_output_shift
 from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
+from qfrewrite.quant.observers import ActivationStats
 from qfrewrite.quant.weights import GRANULARITIES, WEIGHT_METHODS, planned_weight_quant, quantized_kernel
 
 __all__ = ["CorrectBias"]
@@ -82,8 +91,14 @@ class CorrectBias(Pass):
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         ctx.require_data(self.name)
-        if self.mode == "sequential":
-            return self._run_sequential(graph, ctx)
+        every = ActivationStats(None)
+        observed = ctx.analysis(every, graph) if ctx.cached(every.name, graph) else None
+        result = self._run_sequential(graph, ctx) if self.mode == "sequential" else self._run_layers(graph, ctx)
+        if result.modified and observed is not None:
+            result.carried.append((every, observed))
+        return result
+
+    def _run_layers(self, graph: Graph, ctx: Context) -> PassResult:
         deltas = {}
         for node in graph.find(*WEIGHTED_OPS):
             fq = self._planned(node, ctx)

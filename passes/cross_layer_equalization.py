@@ -65,6 +65,7 @@ from qfrewrite.ir import (WEIGHTED_OPS, Graph, Node, Op, const_operand, is_posit
 from qfrewrite.numerics.equalization import equalization_scales
 from qfrewrite.numerics.kernels import in_absmax, out_absmax, scale_in, scale_out
 from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
+from qfrewrite.quant.observers import ActivationStats
 from qfrewrite.spec import QuantSpec
 
 __all__ = ["CrossLayerEqualization"]
@@ -157,6 +158,8 @@ class CrossLayerEqualization(Pass):
             return PassResult(graph, False, {"pairs": 0},
                               unpaired + [Skip(None, "no pair of layers joined by a single-reader chain")])
         moments = self._moments(graph, ctx, pairs, clip)
+        every = ActivationStats(None)
+        observed = ctx.analysis(every, graph) if clip == "fused" and ctx.cached(every.name, graph) else None
         if self.act_guard:
             self._activation_floors(graph, moments, pairs)
         binding = self._fused_clip_floors(graph, moments, pairs) if clip == "fused" else 0
@@ -205,6 +208,8 @@ class CrossLayerEqualization(Pass):
             converted += self._rescale_chain(graph, p, clip)
         graph.remove_unused()
         carried = self._carried(moments, changed) if clip == "fused" and moments is not None else []
+        if observed is not None:
+            carried += self._carried_observations(every, observed, changed)
         scales = np.concatenate([p.scale for p in changed])
         stats = {"pairs": len(pairs), "equalized": len(changed), "sweeps": sweeps, "converged": moved < self.tol,
                  "last_move": moved, "max_scale": float(scales.max()), "min_scale": float(scales.min()),
@@ -243,6 +248,23 @@ class CrossLayerEqualization(Pass):
             for v in [p.first.output.name] + [n.output.name for n in p.chain]:
                 factor[v] = 1.0 / p.scale
         return [(analysis, {k: (m.rescaled(factor[k]) if k in factor else m) for k, m in values.items()})]
+
+    @staticmethod
+    def _carried_observations(every: ActivationStats, observed, changed: List[_Pair]):
+        """The activation statistics of the equalized graph, when those of the graph before were cached (a shared
+        calibration pass, :func:`~qfrewrite.analysis.calibration_pass.serve`): the values between a pair's layers
+        divided by its scales (:meth:`~qfrewrite.quant.observers.TensorStats.rescaled`: min/max exactly, the
+        histograms from their per-channel histograms), every other value unchanged; nothing when a rescaled value's
+        histogram was kept without per-channel histograms."""
+        factor = {}
+        for p in changed:
+            for v in [p.first.output.name] + [n.output.name for n in p.chain]:
+                factor[v] = 1.0 / p.scale
+        try:
+            return [(every, {k: (st.rescaled(factor[k]) if k in factor else st) for k, st in observed.items()})]
+        except ValueError as exc:
+            log.debug("activation statistics not carried through equalization: %s", exc)
+            return []
 
     @staticmethod
     def _activation_floors(graph: Graph, moments, pairs: List[_Pair]) -> None:

@@ -43,9 +43,12 @@ def observed_names(graph: Graph) -> List[str]:
 
 def calibration_statistics(graph: Graph, data) -> Dict[str, TensorStats]:
     """Observe the :func:`observed_names` of ``graph`` on ``data`` (a calibration set) in one pass: histograms of the
-    quantization points only, and the mean maps of :func:`map_names`."""
+    quantization points only, pooled and per channel (so that a pass that rescales channels, such as
+    CrossLayerEqualization, hands on the statistics of its graph without another pass), and the mean maps of
+    :func:`map_names`."""
+    points = quantization_points(graph)
     return observe(graph, data.batches(), observed_names(graph), total=len(data), maps=map_names(graph),
-                   hist_names=quantization_points(graph))
+                   hist_names=points, channel_hist_names=points)
 
 
 def serve(ctx: Context, graph: Graph, stats: Dict[str, TensorStats]) -> None:

@@ -88,7 +88,9 @@ class Reduction:
       channel);
     * ``batch_sum``: the sum over the batch axis (``(H, W, C)`` for NHWC), for mean maps;
     * ``sample_rows``: at most this many positions of each item, evenly strided, as ``sample`` ``(N, rows, C)``
-      (``0``: none; ``-1``: every position).
+      (``0``: none; ``-1``: every position);
+    * ``sample_zeros``: with a sample, the number of exact zeros in it per channel, as ``sample_zeros`` ``(C,)``
+      (counted in the traced function, where it runs threaded).
     """
 
     min: bool = False
@@ -97,6 +99,7 @@ class Reduction:
     sumsq: bool = False
     batch_sum: bool = False
     sample_rows: int = 0
+    sample_zeros: bool = False
 
 
 class ReducingExecutor:
@@ -142,6 +145,8 @@ class ReducingExecutor:
             if r.sample_rows:
                 step = 1 if r.sample_rows < 0 else max(1, -(-positions // r.sample_rows))
                 out["sample"] = rows[:, ::step, :] if step > 1 else rows
+                if r.sample_zeros:
+                    out["sample_zeros"] = tf.reduce_sum(tf.cast(tf.equal(out["sample"], 0.0), tf.int32), axis=[0, 1])
             return out
 
         def fn(*xs):

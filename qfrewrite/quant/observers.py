@@ -35,6 +35,7 @@ import numpy as np
 from ..errors import DataError
 from ..ir import Graph
 from ..pass_infra import Analysis, Context
+from .channel_histograms import CHANNEL_BINS, ChannelHistograms
 
 __all__ = ["TensorStats", "StreamingHistogram", "TensorObserver", "ActivationStats", "activation_stats",
            "observe", "activation_names", "chunk_size"]
@@ -119,6 +120,28 @@ class TensorStats:
     hist_lo: float
     hist_hi: float
     map_mean: Optional[np.ndarray] = None  # per-position mean over the images, (H, W, C), when asked
+    #: the same histogram values binned per channel, when asked (:mod:`qfrewrite.quant.channel_histograms`): what
+    #: lets :meth:`rescaled` follow a per-channel rescaling
+    channel_hist: Optional[ChannelHistograms] = None
+
+    def rescaled(self, factor: np.ndarray) -> "TensorStats":
+        """The statistics of the value with channel ``c`` multiplied by ``factor[c] > 0``: min/max, mean map and
+        the per-channel histograms exactly; the pooled histogram re-made from the per-channel ones on as many bins
+        (:meth:`ChannelHistograms.pooled`). A histogram kept without its per-channel histograms cannot follow:
+        ``ValueError``."""
+        f = np.broadcast_to(np.asarray(factor, np.float64), self.channel_min.shape)
+        if not np.all(f > 0):
+            raise ValueError(f"{self.name}: statistics follow only positive per-channel factors")
+        if self.hist is not None and self.channel_hist is None:
+            raise ValueError(f"{self.name}: a pooled histogram without per-channel histograms cannot be rescaled")
+        cmin, cmax = self.channel_min * f, self.channel_max * f
+        hist, lo, hi, channel_hist = None, self.hist_lo, self.hist_hi, None
+        if self.channel_hist is not None:
+            channel_hist = self.channel_hist.rescaled(f)
+            if self.hist is not None:
+                hist, lo, hi = channel_hist.pooled(len(self.hist))
+        return TensorStats(self.name, self.count, float(cmin.min()), float(cmax.max()), cmin, cmax, self.zeros,
+                           hist, lo, hi, None if self.map_mean is None else self.map_mean * f, channel_hist)
 
     @property
     def edges(self) -> np.ndarray:
@@ -135,13 +158,17 @@ class TensorObserver:
     :meth:`update_reduced` takes what :class:`~qfrewrite.backend.executor.ReducingExecutor` computed in-graph
     (per-channel min/max/sum and count, and a row sample for the histogram); :meth:`update` computes the same from an
     array. ``hist_rows``: the histogram (and its zero count) takes at most this many rows of each update, evenly
-    strided (``None``: every row); min/max/mean always see every value.
+    strided (``None``: every row); min/max/mean always see every value. ``channel_bins > 0``: the histogrammed values
+    are also binned per channel (:class:`~qfrewrite.quant.channel_histograms.ChannelHistograms`).
     """
 
-    def __init__(self, name: str, bins: int = DEFAULT_BINS, hist_rows: Optional[int] = None):
+    def __init__(self, name: str, bins: int = DEFAULT_BINS, hist_rows: Optional[int] = None,
+                 channel_bins: int = 0):
         self.name = name
         self.hist = StreamingHistogram(bins)
         self.hist_rows = hist_rows
+        self.channel_bins = int(channel_bins)
+        self.channel_hist: Optional[ChannelHistograms] = None
         self.count = 0
         self.hist_count = 0
         self.zeros = 0
@@ -173,9 +200,11 @@ class TensorObserver:
         self.update_reduced(wide.min(axis=0).reshape(-1, c).min(axis=0), wide.max(axis=0).reshape(-1, c).max(axis=0),
                             flat.shape[0], flat[::step] if step > 1 else flat)
 
-    def update_reduced(self, cmin: np.ndarray, cmax: np.ndarray, count: int, sample: Optional[np.ndarray]) -> None:
+    def update_reduced(self, cmin: np.ndarray, cmax: np.ndarray, count: int, sample: Optional[np.ndarray],
+                       sample_zeros: Optional[np.ndarray] = None) -> None:
         """Observe one chunk from its per-channel min/max over ``count`` positions and a sample of its values (any
-        shape, channels last) for the histogram."""
+        shape, channels last) for the histogram; ``sample_zeros``: the sample's exact zeros per channel, when
+        already counted."""
         cmin, cmax = np.asarray(cmin, np.float32), np.asarray(cmax, np.float32)
         if self.cmin is None:
             self.cmin, self.cmax = cmin.copy(), cmax.copy()
@@ -187,9 +216,16 @@ class TensorObserver:
         self.hist.cover(vmin, vmax)  # the range covers every value seen, sampled or not
         if sample is not None and np.size(sample):
             sample = np.asarray(sample, np.float32)
-            self.zeros += sample.size - int(np.count_nonzero(sample))
+            if sample_zeros is None and self.channel_bins:
+                sample_zeros = np.count_nonzero(sample.reshape(-1, sample.shape[-1]) == 0, axis=0)
+            self.zeros += (int(np.sum(sample_zeros)) if sample_zeros is not None
+                           else sample.size - int(np.count_nonzero(sample)))
             self.hist_count += sample.size
             self.hist.update(sample, vmin, vmax)
+            if self.channel_bins:
+                if self.channel_hist is None:
+                    self.channel_hist = ChannelHistograms(sample.shape[-1], self.channel_bins)
+                self.channel_hist.update(sample, cmin, cmax, sample_zeros)
 
     def result(self) -> TensorStats:
         if self.cmin is None:
@@ -198,7 +234,8 @@ class TensorObserver:
                            self.cmin.astype(np.float64), self.cmax.astype(np.float64), self.zeros,
                            self.hist.counts.copy() if self.hist_count else None, float(self.hist.lo),
                            float(self.hist.hi),
-                           None if self.map_sum is None else self.map_sum / self.images)
+                           None if self.map_sum is None else self.map_sum / self.images,
+                           self.channel_hist if self.hist_count else None)
 
 
 def activation_names(graph: Graph) -> List[str]:
@@ -225,10 +262,13 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
             chunk: Optional[int] = None, bins: int = DEFAULT_BINS, progress: Optional[bool] = None,
             total: Optional[int] = None, hist_rows: Optional[int] = None,
             hist_values: Optional[int] = DEFAULT_HIST_VALUES, maps: Sequence[str] = (),
-            hist_names: Optional[Sequence[str]] = None) -> Dict[str, TensorStats]:
+            hist_names: Optional[Sequence[str]] = None, channel_hist_names: Sequence[str] = (),
+            channel_bins: int = CHANNEL_BINS) -> Dict[str, TensorStats]:
     """Run the float graph over ``batches`` (NHWC) once, ``chunk`` images at a time, and observe ``names`` (and keep
     the per-position mean over the images of those in ``maps``: :attr:`TensorStats.map_mean`). Only the values in
-    ``hist_names`` (default: all) get a histogram; the others' :attr:`TensorStats.hist` is ``None``.
+    ``hist_names`` (default: all) get a histogram; the others' :attr:`TensorStats.hist` is ``None``. The histogrammed
+    values among ``channel_hist_names`` also keep ``channel_bins`` bins per channel (:attr:`TensorStats.channel_hist`,
+    what :meth:`TensorStats.rescaled` needs).
 
     The per-channel reductions and the histogram's row sample are computed inside the traced function
     (:class:`~qfrewrite.backend.executor.ReducingExecutor`), so no whole activation leaves TensorFlow.
@@ -259,9 +299,10 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
         c = graph.value(name).shape[-1]
         return -1 if hist_values is None or c is None else max(1, int(hist_values) // int(c))
 
-    ex = ReducingExecutor(graph, {n: Reduction(min=True, max=True, sample_rows=rows(n), batch_sum=n in maps)
-                                  for n in names})
-    observers = {n: TensorObserver(n, bins) for n in names}
+    ex = ReducingExecutor(graph, {n: Reduction(min=True, max=True, sample_rows=rows(n), sample_zeros=rows(n) != 0,
+                                               batch_sum=n in maps) for n in names})
+    per_channel = frozenset(channel_hist_names)
+    observers = {n: TensorObserver(n, bins, channel_bins=channel_bins if n in per_channel else 0) for n in names}
     disable = None if progress is None else not progress
     with tqdm(total=total, desc="calibrating", unit="img", disable=disable, leave=False) as bar:
         for batch in batches:
@@ -270,7 +311,7 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
                 if len(x) == 0:
                     continue
                 for n, r in ex(x).items():
-                    observers[n].update_reduced(r["min"], r["max"], r["count"], r.get("sample"))
+                    observers[n].update_reduced(r["min"], r["max"], r["count"], r.get("sample"), r.get("sample_zeros"))
                     if "batch_sum" in r:
                         observers[n].update_map(r["batch_sum"], len(x))
                 bar.update(len(x))
