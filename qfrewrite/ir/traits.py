@@ -13,6 +13,9 @@
   ``min(relu(x), hi) / s = min(relu(x / s), hi / s)``.
 * **keeps the channel axis**: a Reshape/Flatten whose input and output hold the channels on the last axis with every
   other non-batch dimension 1 (:func:`keeps_channel_axis`), e.g. ``(N, 1, 1, C) -> (N, C)``.
+* **copies channel values**: output channel ``c`` holds exactly the values of input channel ``c``, and for a Pad
+  with padding its constant (:func:`copies_channel_values`): a channel-keeping reshape, a constant Pad. Its per-channel
+  extremes and mean map follow from its input's without looking at the data.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from .ops import WEIGHTED_OPS, Op
 from .queries import const_operand
 
 __all__ = ["WEIGHTED_OPS", "LAYER_KINDS", "is_weighted", "layer_kind", "keeps_channel_axis", "is_channelwise",
-           "is_positively_homogeneous", "per_channel_constant"]
+           "is_positively_homogeneous", "per_channel_constant", "copies_channel_values"]
 
 #: The kernel layout of each weighted op, as the maths in :mod:`qfrewrite.numerics.kernels` names it.
 LAYER_KINDS = {Op.CONV2D: "conv", Op.DEPTHWISE_CONV2D: "depthwise", Op.DENSE: "dense"}
@@ -96,3 +99,9 @@ def is_positively_homogeneous(node, rescaling_bounds: bool = False) -> bool:
     if op is Op.MINIMUM:
         return rescaling_bounds and len(node.inputs) == 2 and _constant_operand_is_per_channel(node)
     return False
+
+
+def copies_channel_values(node) -> bool:
+    """Output channel ``c`` holds the values of input channel ``c`` and nothing else, but for a Pad its constant
+    where it pads: a channel-keeping Reshape/Flatten, a constant Pad of H and W (see the module docstring)."""
+    return node.op is Op.PAD or keeps_channel_axis(node)

@@ -20,7 +20,7 @@ and every count are kept exactly; only where inside a bin the values lie is appr
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -35,7 +35,10 @@ class ChannelHistograms:
 
     def __init__(self, channels: int, bins: int = CHANNEL_BINS):
         self.channels, self.bins = int(channels), int(bins)
-        self.counts: Optional[np.ndarray] = None  # (C, bins) int64
+        self._counts: Optional[np.ndarray] = None  # (C, bins) int64
+        # bin indices not yet counted: one bincount over C * bins bins per C * bins values, not per update
+        self._pending: List[np.ndarray] = []
+        self._pending_size = 0
         self.lo = np.zeros(self.channels)
         self.width = np.zeros(self.channels)
         self.zeros = np.zeros(self.channels, np.int64)
@@ -46,6 +49,18 @@ class ChannelHistograms:
     def hi(self) -> np.ndarray:
         return self.lo + self.bins * self.width
 
+    @property
+    def counts(self) -> Optional[np.ndarray]:
+        """``(C, bins)`` counts (every value added so far counted)."""
+        self._flush()
+        return self._counts
+
+    def _flush(self) -> None:
+        if self._pending:
+            flat = np.bincount(np.concatenate(self._pending), minlength=self.channels * self.bins)
+            self._counts += flat.reshape(self.channels, self.bins)
+            self._pending, self._pending_size = [], 0
+
     def _cover(self, cmin: np.ndarray, cmax: np.ndarray) -> None:
         """Make each channel's range hold ``[cmin_c, cmax_c]`` (and 0): set it on the first call, else grow the
         channels that need it by a whole number of bins to the left and an integer widening of the bins."""
@@ -53,9 +68,11 @@ class ChannelHistograms:
             lo, hi = np.minimum(cmin, 0.0), np.maximum(cmax, 0.0)
             span = np.where(hi - lo > 0, hi - lo, 1e-6)
             self.lo, self.width = lo.astype(np.float64), (span / self.bins).astype(np.float64)
-            self.counts = np.zeros((self.channels, self.bins), np.int64)
+            self._counts = np.zeros((self.channels, self.bins), np.int64)
             return
-        for c in np.flatnonzero((cmin < self.lo) | (cmax > self.hi)):
+        grow = np.flatnonzero((cmin < self.lo) | (cmax > self.hi))
+        counts = self.counts if len(grow) else None  # the pending indices are on the grid before growth
+        for c in grow:
             w, lo, hi = self.width[c], self.lo[c], self.hi[c]
             j = int(np.ceil((lo - cmin[c]) / w)) if cmin[c] < lo else 0
             new_lo = lo - j * w
@@ -64,7 +81,7 @@ class ChannelHistograms:
             while new_lo + self.bins * k * w < top:  # float safety
                 k += 1
             idx = (j + np.arange(self.bins)) // k
-            self.counts[c] = np.bincount(idx, weights=self.counts[c], minlength=self.bins)[:self.bins]
+            counts[c] = np.bincount(idx, weights=counts[c], minlength=self.bins)[:self.bins]
             self.lo[c], self.width[c] = new_lo, w * k
 
     def update(self, sample: np.ndarray, cmin: np.ndarray, cmax: np.ndarray, zeros: np.ndarray) -> None:
@@ -83,8 +100,10 @@ class ChannelHistograms:
         idx = pos.astype(np.int32)
         np.clip(idx, 0, self.bins - 1, out=idx)
         idx += (np.arange(self.channels, dtype=np.int32) * self.bins)
-        self.counts += np.bincount(idx.ravel(), minlength=self.channels * self.bins).reshape(self.channels,
-                                                                                           self.bins)
+        self._pending.append(idx.ravel())
+        self._pending_size += idx.size
+        if self._pending_size >= self.channels * self.bins:
+            self._flush()
 
     def rescaled(self, factor: np.ndarray) -> "ChannelHistograms":
         """The histograms of the value with channel ``c`` multiplied by ``factor[c] > 0`` (edges scaled: exact)."""
@@ -92,7 +111,7 @@ class ChannelHistograms:
         if not np.all(f > 0):
             raise ValueError("channel histograms follow only positive per-channel factors")
         out = ChannelHistograms(self.channels, self.bins)
-        out.counts = None if self.counts is None else self.counts.copy()
+        out._counts = None if self.counts is None else self.counts.copy()
         out.lo, out.width, out.zeros = self.lo * f, self.width * f, self.zeros.copy()
         out.vmin, out.vmax = self.vmin * f, self.vmax * f
         return out
@@ -106,9 +125,10 @@ class ChannelHistograms:
             hi = lo + 1e-6
         edges = np.linspace(lo, hi, bins + 1)
         cdf = np.zeros(bins + 1)
-        if self.counts is not None:
+        every = self.counts
+        if every is not None:
             for c in range(self.channels):
-                counts = self.counts[c].astype(np.float64)
+                counts = every[c].astype(np.float64)
                 if self.zeros[c]:
                     k = int(np.clip(np.floor(-self.lo[c] / self.width[c]), 0, self.bins - 1))
                     counts[k] = max(counts[k] - self.zeros[c], 0.0)

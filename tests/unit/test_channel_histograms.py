@@ -127,3 +127,47 @@ def test_equalization_and_bias_correction_hand_on_the_shared_calibration(rng, mo
         span = hi - lo
         assert handed_on[name][0] == pytest.approx(lo, abs=0.02 * span), name
         assert handed_on[name][1] == pytest.approx(hi, abs=0.02 * span), name
+
+
+def test_padded_and_reshaped_values_follow_from_their_inputs(rng):
+    """The shared pass does not read a constant Pad's or a channel-keeping reshape's output: their extremes and mean
+    maps, derived from the input's, equal what observing them gives."""
+    import unittest.mock as mock
+
+    from qfrewrite.analysis.calibration_pass import calibration_statistics, map_names, observed_names
+    from qfrewrite.backend import executor
+    from qfrewrite.ir import ClipAttrs, ConvAttrs, GlobalMeanAttrs, Graph, PadAttrs, ReshapeAttrs
+    from qfrewrite.quant import observers
+
+    g = Graph("padded")
+    x = g.add_input("x", (None, 9, 9, 3))
+    y = g.add_node(Op.CONV2D, [x, g.const(rng.normal(size=(1, 1, 3, 4))), g.const(rng.normal(size=4))],
+                   ConvAttrs()).output
+    y = g.add_node(Op.CLIP, [y], ClipAttrs(0.0, 6.0)).output
+    y = g.add_node(Op.PAD, [y], PadAttrs(((1, 0), (0, 1))), name="pad").output
+    y = g.add_node(Op.DEPTHWISE_CONV2D, [y, g.const(rng.normal(size=(3, 3, 4, 1))), g.const(rng.normal(size=4))],
+                   ConvAttrs((2, 2), "VALID")).output
+    y = g.add_node(Op.RELU, [y]).output
+    y = g.add_node(Op.GLOBAL_MEAN, [y], GlobalMeanAttrs(keepdims=True)).output
+    y = g.add_node(Op.RESHAPE, [y], ReshapeAttrs((4,)), name="flat").output
+    y = g.add_node(Op.DENSE, [y, g.const(rng.normal(size=(4, 3))), g.const(rng.normal(size=3))]).output
+    g.outputs = [y]
+    data = CalibrationSet([rng.normal(size=(6, 9, 9, 3)).astype(np.float32)])
+    read = []
+
+    class Recording(executor.ReducingExecutor):
+        def __init__(self, graph, reductions, **kw):
+            read.extend(reductions)
+            super().__init__(graph, reductions, **kw)
+
+    with mock.patch.object(executor, "ReducingExecutor", Recording):
+        stats = calibration_statistics(g, data)
+    pad, flat = g.node("pad").output.name, g.node("flat").output.name
+    assert {pad, flat} <= set(stats) and not {pad, flat} & set(read) and read
+    truth = observers.observe(g, data.batches(), observed_names(g), maps=map_names(g))
+    for name in observed_names(g):
+        np.testing.assert_allclose(stats[name].channel_min, truth[name].channel_min, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(stats[name].channel_max, truth[name].channel_max, rtol=1e-6, atol=1e-6)
+        assert stats[name].count == truth[name].count
+        if truth[name].map_mean is not None:
+            np.testing.assert_allclose(stats[name].map_mean, truth[name].map_mean, rtol=1e-5, atol=1e-6)
