@@ -10,7 +10,9 @@ worse than plain on a model: ``recipes.dfq()`` puts its passes and ``plain``'s s
 The candidates share one calibration pass: the activation statistics of the graph as it came in (every activation's
 observers and the mean maps of the weighted layers' inputs, :mod:`qfrewrite.analysis.calibration_pass`) are computed
 once on the calibration images and served to every candidate, so a candidate that quantizes the graph as it is
-(``plain``) and one whose first pass reads those statistics (equalization) run no pass of their own over the data.
+(``plain``) runs no pass of its own over the data, and neither does one whose passes hand the statistics on:
+CrossLayerEqualization with its clip fused rescales them (per-channel histograms included), CorrectBias keeps them,
+so ``recipes.dfq()``'s candidate calibrates InsertFakeQuant from the same pass.
 
 With fewer than ``2 * min_holdout`` calibration images nothing can be held back: the first candidate is kept and
 the report says so. ``stats["scores"]`` gives each candidate's SQNR (dB) and top-1 agreement with float on the held-back
