@@ -216,8 +216,6 @@ class TensorObserver:
         self.hist.cover(vmin, vmax)  # the range covers every value seen, sampled or not
         if sample is not None and np.size(sample):
             sample = np.asarray(sample, np.float32)
-            if sample_zeros is None and self.channel_bins:
-                sample_zeros = np.count_nonzero(sample.reshape(-1, sample.shape[-1]) == 0, axis=0)
             self.zeros += (int(np.sum(sample_zeros)) if sample_zeros is not None
                            else sample.size - int(np.count_nonzero(sample)))
             self.hist_count += sample.size
@@ -225,7 +223,7 @@ class TensorObserver:
             if self.channel_bins:
                 if self.channel_hist is None:
                     self.channel_hist = ChannelHistograms(sample.shape[-1], self.channel_bins)
-                self.channel_hist.update(sample, cmin, cmax, sample_zeros)
+                self.channel_hist.update(sample, cmin, cmax)
 
     def result(self) -> TensorStats:
         if self.cmin is None:
