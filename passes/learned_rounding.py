@@ -20,9 +20,12 @@ for the inputs it sees in float, all layers from the same one pass).
 The kernel is replaced by its grid values and ``weight_quant`` set, so InsertFakeQuant and the emitters store
 exactly these codes (fake quantization of a grid value is the value itself).
 
+A layer whose ``weight_quant`` is set keeps it, bits included, so layers can be given different weight bits (W4
+for some classes of layers, W8 for the rest: ``benchmarks/bench_rounding_layers.py``).
+
 ``stats["layers"]`` gives each layer's output SQNR (dB: output variance over mean squared error, on the
-calibration data) with nearest rounding and with the chosen rounding, and the output channels that kept the learned
-rounding; ``stats["mean_gain_db"]`` the mean gain. Not exact (it quantizes the kernels); the pass manager reports
+calibration data) with nearest rounding and with the chosen rounding, its weight bits, and the output channels that
+kept the learned rounding; ``stats["mean_gain_db"]`` the mean gain. Not exact (it quantizes the kernels); the pass manager reports
 the drift. Contract: needs data; ensures ``WEIGHTS_ROUNDED``, ``BIAS_CORRECTED`` (with ``correct_bias``) and
 ``WEIGHTS_FINAL``; must run before anything that makes the weights final (CorrectBias: with the kernels on their
 grid it has nothing left to correct) and before quantization. Left alone: a graph whose kernels all lie on their
@@ -123,7 +126,7 @@ class LearnedRounding(Pass):
             base = node.bias.const.astype(np.float64) if node.bias is not None else 0.0
             set_bias(graph, node, base - shift, "rounded")
         near_db, chosen_db = power_ratio_db(signal, e_near.sum()), power_ratio_db(signal, e_chosen.sum())
-        return {"nearest_sqnr_db": near_db, "learned_sqnr_db": chosen_db,
+        return {"nearest_sqnr_db": near_db, "learned_sqnr_db": chosen_db, "bits": int(fq.bits),
                 "learned_channels": int(learned.sum()), "channels": int(learned.size)}
 
     def _moments(self, graph: Graph, ctx: Context, planned: Dict) -> Iterator[Tuple[List[str], Dict[str, Patches]]]:

@@ -189,3 +189,35 @@ def test_learned_rounding_on_a_mobilenet_v3(rng):
     layers = res.report["LearnedRounding"].stats["layers"]
     assert len(layers) > 50 and all(v["learned_sqnr_db"] >= v["nearest_sqnr_db"] for v in layers.values())
     assert sqnr["learned"] > sqnr["nearest"], sqnr
+
+
+def test_each_layer_keeps_its_own_weight_bits_and_reuses_handed_on_moments(rng):
+    """A layer whose weight_quant is preset at 4 bits is rounded on that grid while the others get the spec's 8
+    bits; moments put in the context for the graph state are used as they are (no pass over the data: the context
+    holds no data images the pass could read, only a stand-in set that is never batched)."""
+    g = FoldBatchNorm()(tiny_mobilenet(rng), Context()).graph
+    x = rng.uniform(0, 1, (8, 16, 16, 3)).astype(np.float32)
+    depthwise = g.find(Op.DEPTHWISE_CONV2D)[0]
+    fq4 = weight_quant_attrs(depthwise, "per_channel", "minmax", 4)
+    depthwise.weight_quant = fq4
+    ctx = Context(CalibrationSet([x]), spec=QuantSpec(weights="per_channel", weight_bits=8))
+    from qfrewrite.analysis.patch_moments import gather_patch_moments
+
+    names = sorted(n.name for n in g.find(Op.CONV2D, Op.DEPTHWISE_CONV2D, Op.DENSE))
+    moments = gather_patch_moments(g, CalibrationSet([x]))
+
+    class NoBatches(CalibrationSet):
+        def batches(self):
+            raise AssertionError("the pass read the data although its moments were handed on")
+
+    ctx.data = NoBatches([x])
+    ctx.put(PatchMoments(names), g, moments)
+    res = LearnedRounding()(g, ctx)
+    layers = res.stats["layers"]
+    assert layers[depthwise.name]["bits"] == 4
+    assert {v["bits"] for k, v in layers.items() if k != depthwise.name} == {8}
+    assert g.node(depthwise.name).weight_quant == fq4
+    np.testing.assert_array_equal(quantized_kernel(g.node(depthwise.name), fq4), g.node(depthwise.name).weight.const)
+    for n in g.find(Op.CONV2D, Op.DENSE):
+        assert n.weight_quant.bits == 8
+        np.testing.assert_array_equal(quantized_kernel(n, n.weight_quant), n.weight.const)
