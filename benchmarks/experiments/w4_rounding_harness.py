@@ -1,6 +1,6 @@
-"""Scratch experiments of issue #12 (W4 per channel on torchvision_v2), kept as run: the helpers of
-issue12_variants.py. Not part of the library; uses LearnedRounding's private _grid. The patch moments are cached
-under $ISSUE12_CACHE (default /tmp/issue12_cache)."""
+"""Scratch experiments on 4-bit weights (W4 per channel on torchvision_v2), kept as run: the helpers of
+w4_rounding_variants.py. Not part of the library; uses LearnedRounding's private _grid. The patch moments are cached
+under $W4_ROUNDING_CACHE (default /tmp/w4_rounding_cache)."""
 import sys, time, pickle, os
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]; sys.path.insert(0, str(REPO))
@@ -19,7 +19,7 @@ from passes.learned_rounding import _grid
 from qfrewrite.numerics import rounding as R
 
 
-CACHE = Path(os.environ.get("ISSUE12_CACHE", "/tmp/issue12_cache")); CACHE.mkdir(exist_ok=True)
+CACHE = Path(os.environ.get("W4_ROUNDING_CACHE", "/tmp/w4_rounding_cache")); CACHE.mkdir(exist_ok=True)
 
 def setup(name, n_calib=500, n_eval=500, view=None):
     view = view or os.environ.get("VIEW", "dfq")

@@ -1,13 +1,13 @@
-"""Scratch experiment of issue #12: all layers W4 per channel with learned-rounding variants (base, hsearch: per-row
+"""Scratch experiment: all layers W4 per channel with learned-rounding variants (base, hsearch: per-row
 clipping ratio from the H-weighted error of nearest rounding, 26 ratios 1..0.5, then GPTQ + refine on it; search7:
 GPTQ + refine at 7 ratios 1..0.6, each row keeping the lowest error; sweepsN: N refine sweeps).
 
-    VIEW=dfq python benchmarks/experiments/issue12_variants.py torchvision_v2 base hsearch sweeps10 search7
+    VIEW=dfq python benchmarks/experiments/w4_rounding_variants.py torchvision_v2 base hsearch sweeps10 search7
 """
 import sys, time; sys.path.insert(0, __import__("os").path.dirname(__file__))
 import logging, os  # noqa: E401
 import numpy as np
-from issue12_harness import (R, build, classify, make_hsearch_rounder, make_search_rounder, quantize_eval2,
+from w4_rounding_harness import (R, build, classify, make_hsearch_rounder, make_search_rounder, quantize_eval2,
                              setup)
 logging.basicConfig(level=logging.WARNING)
 name = sys.argv[1]
