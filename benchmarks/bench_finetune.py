@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--minutes", type=float, default=30.0, help="stop after the epoch that passes this time")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--loss", choices=["kl", "mse"], default="kl")
     ap.add_argument("--temperature", type=float, default=2.0)
     ap.add_argument("--init", choices=["refit", "match", "identity"], default="refit")

@@ -399,8 +399,8 @@ def eval_(model, data, preprocess, reference, limit, label_offset, outputs, json
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(0), help="Passes over the images.")
 @click.option("--minutes", type=click.FloatRange(0, min_open=True), default=None,
               help="Stop after the epoch that passes this many minutes of training.")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Adam's initial learning rate (cosine decay to 0 over --epochs).")
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Adam's initial learning rate (cosine decay to 0 over --epochs, or by --minutes if sooner).")
 @click.option("--loss", type=click.Choice(["kl", "mse"]), default="kl", show_default=True,
               help="kl: KL divergence of temperature-softened logits; mse: mean squared error of the logits.")
 @click.option("--temperature", default=2.0, show_default=True, type=click.FloatRange(0, min_open=True),
