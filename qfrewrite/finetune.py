@@ -17,7 +17,8 @@ pointwise conv of Keras MobileNetV1 0.25), the softmax saturates and the gradien
    pre-activation in the teacher, so each pointwise pre-activation has the teacher's per-channel first two moments.
    ``init="identity"``: the BNs only normalise (gamma 1, beta 0).
 3. **distillation** with Adam on random crops (the image resized to ``shorter side = crop / 0.875`` and a random
-   ``crop``-sized window taken) and horizontal flips, so a small folder serves many epochs. ``loss="kl"``:
+   ``crop``-sized window taken) and horizontal flips, so a small folder serves many epochs, and optionally mixup
+   (``mixup=alpha``: :func:`mix`, the teacher labelling the mixed image). ``loss="kl"``:
    ``T^2 KL(softmax(t / T) || softmax(s / T))`` on the logits ``t`` (teacher) and ``s`` (student);
    ``loss="mse"``: ``mean((s - t)^2)``. The learning rate follows a cosine from ``lr`` to 0,
    ``lr_k = lr * (1 + cos(pi * p_k)) / 2`` with progress ``p_k = max(k / K, elapsed / max_minutes)`` (step ``k`` of
@@ -55,7 +56,7 @@ from .errors import DataError, OutputError, QfrewriteError
 from .ir import WEIGHTED_OPS, Graph, Op, sole_reader
 
 __all__ = ["finetune", "FinetuneResult", "EpochRecord", "normalised_layers", "refit_layers", "inserted_batchnorm",
-           "cosine_lr", "LOSSES", "INITS", "KERAS_SUFFIXES"]
+           "cosine_lr", "mix", "LOSSES", "INITS", "KERAS_SUFFIXES"]
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,16 @@ def _centre(images: np.ndarray, crop: Tuple[int, int]) -> np.ndarray:
     h, w = images.shape[1:3]
     top, left = int(round((h - crop[0]) / 2)), int(round((w - crop[1]) / 2))
     return images[:, top:top + crop[0], left:left + crop[1]]
+
+
+def mix(x: np.ndarray, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """Mixup of a batch: ``x_i := lam_i x_i + (1 - lam_i) x_pi(i)`` with ``lam_i ~ Beta(alpha, alpha)`` and ``pi`` a
+    random permutation of the batch; ``alpha <= 0`` returns ``x``. The teacher labels the mixed image itself, so
+    distillation gets new inputs from a small folder at no labelling cost."""
+    if alpha <= 0 or len(x) < 2:
+        return x
+    lam = rng.beta(alpha, alpha, len(x)).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+    return lam * x + (1 - lam) * x[rng.permutation(len(x))]
 
 
 def _augment(images: np.ndarray, crop: Tuple[int, int], rng: np.random.Generator) -> np.ndarray:
@@ -347,7 +358,8 @@ def _agreement(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def finetune(model, data, output=None, *, epochs: int = 10, batch_size: int = 32, lr: float = 1e-4,
-             loss: str = "kl", temperature: float = 2.0, holdout: Optional[int] = None, init: str = "refit",
+             loss: str = "kl", temperature: float = 2.0, mixup: float = 0.0, holdout: Optional[int] = None,
+             init: str = "refit",
              preprocess=None, limit: Optional[int] = None, input_shape=None, seed: int = 0,
              max_minutes: Optional[float] = None, progress: Optional[bool] = None,
              on_epoch=None) -> FinetuneResult:
@@ -355,7 +367,8 @@ def finetune(model, data, output=None, *, epochs: int = 10, batch_size: int = 32
     labels not needed); see the module docstring for the method.
 
     ``holdout``: images kept out of training to measure top-1 agreement with the teacher (default a tenth, at most
-    100); ``init``: ``"match"`` or ``"identity"``; ``loss``: ``"kl"`` (``temperature``) or ``"mse"``;
+    100); ``init``: ``"match"`` or ``"identity"``; ``loss``: ``"kl"`` (``temperature``) or ``"mse"``; ``mixup``:
+    the Beta parameter of :func:`mix` (0: no mixup);
     ``max_minutes``: the training time budget (wall clock from the first step, the per-epoch re-estimation,
     agreement and ``on_epoch`` included): the learning rate anneals to 0 by then and training stops at the first
     step past it (that last epoch partial); ``on_epoch(record, model)``: called after
@@ -375,9 +388,10 @@ def finetune(model, data, output=None, *, epochs: int = 10, batch_size: int = 32
         raise QfrewriteError(f"finetune loss must be one of {LOSSES}, got {loss!r}")
     if init not in INITS:
         raise QfrewriteError(f"finetune init must be one of {INITS}, got {init!r}")
-    if epochs < 0 or batch_size < 1 or not lr > 0 or not temperature > 0:
-        raise QfrewriteError(f"finetune needs epochs >= 0, batch_size >= 1, lr > 0 and temperature > 0; got "
-                             f"epochs={epochs}, batch_size={batch_size}, lr={lr}, temperature={temperature}")
+    if epochs < 0 or batch_size < 1 or not lr > 0 or not temperature > 0 or not mixup >= 0:
+        raise QfrewriteError(f"finetune needs epochs >= 0, batch_size >= 1, lr > 0, temperature > 0 and mixup >= 0; "
+                             f"got epochs={epochs}, batch_size={batch_size}, lr={lr}, temperature={temperature}, "
+                             f"mixup={mixup}")
     if output is not None and Path(output).suffix.lower() not in KERAS_SUFFIXES:
         raise OutputError(f"output {output} must end in .keras or .h5 (a Keras model)")
     data_path = getattr(data, "path", data)
@@ -434,7 +448,7 @@ def finetune(model, data, output=None, *, epochs: int = 10, batch_size: int = 32
                     if losses and max_minutes is not None and elapsed >= 60 * max_minutes:
                         break  # the time budget is spent (and the learning rate at 0): end this epoch here
                     optimizer.learning_rate.assign(cosine_lr(lr, done / total, elapsed, max_minutes))
-                    x = pre(_augment(train[order[s:s + batch_size]], crop, rng))
+                    x = mix(pre(_augment(train[order[s:s + batch_size]], crop, rng)), mixup, rng)
                     losses.append(float(step(tf.constant(x))))
                     done += 1
                     bar.update(1)
@@ -454,6 +468,6 @@ def finetune(model, data, output=None, *, epochs: int = 10, batch_size: int = 32
                     break
         if out_path is not None:
             full.save(outs.stage(out_path))
-    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, temperature=temperature, init=init,
-                    holdout=len(held_idx), train_images=len(train), seed=seed)
+    settings = dict(epochs=epochs, batch_size=batch_size, lr=lr, loss=loss, temperature=temperature, mixup=mixup,
+                    init=init, holdout=len(held_idx), train_images=len(train), seed=seed)
     return FinetuneResult(full, history, Path(output) if output is not None else None, settings)
