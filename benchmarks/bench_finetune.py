@@ -67,7 +67,8 @@ def run_model(name: str, args, out: Path) -> Dict:
     images = ImageFolder(folder, preprocess=spec["preprocess"], progress=False).read(graph)
     calib, evals = split_images(images, args.train, args.eval)
     row: Dict = {"model": name, "train_images": len(calib), "eval_images": len(evals), "loss": args.loss,
-                 "init": args.init, "lr": args.lr, "epochs_asked": args.epochs, "minutes_asked": args.minutes}
+                 "init": args.init, "lr": args.lr, "mixup": args.mixup, "epochs_asked": args.epochs,
+                 "minutes_asked": args.minutes}
     row["float_original"] = float_top1(qfrewrite.rewrite(graph, []).to_keras(), evals, offset)
     curve: List[Dict] = []
 
@@ -86,7 +87,8 @@ def run_model(name: str, args, out: Path) -> Dict:
         saved = out / f"{name}_finetuned.keras"
         t0 = time.perf_counter()
         res = finetune(path, train_dir, saved, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       loss=args.loss, temperature=args.temperature, init=args.init, preprocess=spec["preprocess"],
+                       loss=args.loss, temperature=args.temperature, mixup=args.mixup, init=args.init,
+                       preprocess=spec["preprocess"],
                        max_minutes=args.minutes, progress=not args.no_progress, on_epoch=on_epoch)
         row["wall_minutes"] = (time.perf_counter() - t0) / 60
     row["curve"] = curve
@@ -101,7 +103,8 @@ def run_model(name: str, args, out: Path) -> Dict:
 def print_tables(rows: List[Dict]) -> None:
     for row in rows:
         print(f"\n### {row['model']}: recovery ({row['train_images']} training images, {row['eval_images']} "
-              f"evaluation images, loss {row['loss']}, init {row['init']}, lr {row['lr']})\n")
+              f"evaluation images, loss {row['loss']}, init {row['init']}, lr {row['lr']}, "
+              f"mixup {row.get('mixup', 0)})\n")
         print(f"original float top-1: {row['float_original']:.1f}%\n")
         print("| epoch | minutes | loss | held-back agreement % | float top-1 % |")
         print("| --- | --- | --- | --- | --- |")
@@ -125,9 +128,10 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--minutes", type=float, default=30.0, help="stop after the epoch that passes this time")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--loss", choices=["kl", "mse"], default="kl")
     ap.add_argument("--temperature", type=float, default=2.0)
+    ap.add_argument("--mixup", type=float, default=0.0, help="Beta parameter of the mixup (0: none)")
     ap.add_argument("--init", choices=["refit", "match", "identity"], default="refit")
     ap.add_argument("--no-progress", action="store_true")
     add_output_options(ap)

@@ -399,12 +399,14 @@ def eval_(model, data, preprocess, reference, limit, label_offset, outputs, json
 @click.option("--epochs", default=10, show_default=True, type=click.IntRange(0), help="Passes over the images.")
 @click.option("--minutes", type=click.FloatRange(0, min_open=True), default=None,
               help="Stop after the epoch that passes this many minutes of training.")
-@click.option("--lr", default=1e-3, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Adam's initial learning rate (cosine decay to 0 over --epochs).")
+@click.option("--lr", default=1e-4, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="Adam's initial learning rate (cosine decay to 0 over --epochs, or by --minutes if sooner).")
 @click.option("--loss", type=click.Choice(["kl", "mse"]), default="kl", show_default=True,
               help="kl: KL divergence of temperature-softened logits; mse: mean squared error of the logits.")
 @click.option("--temperature", default=2.0, show_default=True, type=click.FloatRange(0, min_open=True),
               help="The temperature of --loss kl.")
+@click.option("--mixup", default=0.0, show_default=True, type=click.FloatRange(0),
+              help="Mixup of the training batches, lambda ~ Beta(A, A) (0: none); the teacher labels the mixed images.")
 @click.option("--init", type=click.Choice(["refit", "match", "identity"]), default="refit", show_default=True,
               help="refit: each pointwise conv solved by least squares against the teacher's output, then as match; "
                    "match: the student's BatchNorms give each pointwise layer the teacher's per-channel mean and "
@@ -419,8 +421,8 @@ def eval_(model, data, preprocess, reference, limit, label_offset, outputs, json
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the crops, flips and image order.")
 @input_shape_option
 @reports_errors
-def finetune(model, data, output, epochs, minutes, lr, loss, temperature, init, holdout, batch_size, preprocess,
-             limit, seed, input_shape) -> None:
+def finetune(model, data, output, epochs, minutes, lr, loss, temperature, mixup, init, holdout, batch_size,
+             preprocess, limit, seed, input_shape) -> None:
     """Distil MODEL into its Qualcomm architecture (depthwise convs without BN and ReLU6, ReLU in the pointwise
     convs) on the unlabelled images of --data, and write the fine-tuned float Keras model to OUT.
 
@@ -431,8 +433,9 @@ def finetune(model, data, output, epochs, minutes, lr, loss, temperature, init, 
     from .finetune import finetune as run_finetune
 
     result = run_finetune(model, data, output, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
-                          temperature=temperature, holdout=holdout, init=init, preprocess=parse_preprocess(preprocess),
-                          limit=limit, input_shape=input_shape, seed=seed, max_minutes=minutes)
+                          temperature=temperature, mixup=mixup, holdout=holdout, init=init,
+                          preprocess=parse_preprocess(preprocess), limit=limit, input_shape=input_shape, seed=seed,
+                          max_minutes=minutes)
     click.echo(str(result))
 
 

@@ -10,7 +10,7 @@ from qfrewrite.backend.executor import run_graph
 from qfrewrite.cli import main
 from qfrewrite.emit.keras_emitter import emit_keras
 from qfrewrite.errors import DataError, EmitError, OutputError, QfrewriteError
-from qfrewrite.finetune import (_graphs, _moments, _initialise, finetune, inserted_batchnorm,
+from qfrewrite.finetune import (_graphs, _moments, _initialise, cosine_lr, finetune, inserted_batchnorm, mix,
                                 normalised_layers, refit_layers)
 from qfrewrite.ir import Op, sole_reader
 from tests.keras_models import randomize_bn
@@ -163,6 +163,43 @@ def test_distillation_lowers_the_loss_and_the_model_goes_back_through_rewrite(mo
     data = np.random.default_rng(3).uniform(-1, 1, (16, HW, HW, 3)).astype(np.float32)
     tflite = qfrewrite.rewrite(out, recipes.plain(weights="per_tensor"), data=data).to_tflite()
     assert len(tflite) > 1000
+
+
+def test_cosine_lr_anneals_by_the_last_step_or_the_time_budget_whichever_is_first():
+    assert cosine_lr(1e-3, 0.0, 0.0, None) == pytest.approx(1e-3)
+    assert cosine_lr(1e-3, 0.5, 1e6, None) == pytest.approx(5e-4)  # no budget: the step fraction alone
+    assert cosine_lr(1e-3, 1.0, 0.0, None) == pytest.approx(0.0, abs=1e-12)
+    assert cosine_lr(1e-3, 0.1, 30.0, 1.0) == pytest.approx(5e-4)  # half the minute spent: half way down
+    assert cosine_lr(1e-3, 0.5, 6.0, 1.0) == pytest.approx(5e-4)  # the steps ahead of the clock
+    assert cosine_lr(1e-3, 0.2, 90.0, 1.0) == 0.0  # past the budget
+
+
+def test_mixup_makes_each_image_a_convex_combination_of_itself_and_one_other():
+    i = np.arange(8, dtype=np.float32)
+    x = np.broadcast_to(np.stack([i, i * i], -1)[:, None, None, :], (8, 3, 3, 2)).copy()
+    assert mix(x, 0.0, np.random.default_rng(0)) is x
+    out = mix(x, 1.0, np.random.default_rng(0))
+    assert out.shape == x.shape and np.allclose(out, out[:, :1, :1, :])  # one lambda per image
+    mixed = 0
+    for k in range(8):
+        a, b = out[k, 0, 0]
+        fits = []
+        for j in range(8):  # a = lam k + (1 - lam) j and b = lam k^2 + (1 - lam) j^2 for some lam in [0, 1]
+            if j == k:
+                fits.append(np.isclose(a, k) and np.isclose(b, k * k))
+                continue
+            lam = (a - j) / (k - j)
+            fits.append(-1e-6 <= lam <= 1 + 1e-6 and np.isclose(b, lam * k * k + (1 - lam) * j * j, atol=1e-4))
+        assert any(fits), (k, a, b)
+        mixed += not np.isclose(a, k)
+    assert mixed >= 4  # most images really are mixed
+
+
+def test_max_minutes_stops_training_inside_the_epoch_that_spends_it(model_path, image_dir):
+    res = finetune(model_path, image_dir, epochs=50, batch_size=4, init="identity", holdout=4,
+                   preprocess="inception", progress=False, max_minutes=1e-4)
+    assert len(res.history) == 2 and res.history[1].loss is not None  # one (partial) epoch of 50
+    assert res.history[1].seconds >= 60 * 1e-4
 
 
 def test_match_init_is_closer_to_the_teacher_than_the_rewritten_graph(model_path, image_dir):
