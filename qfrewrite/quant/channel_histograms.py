@@ -65,9 +65,9 @@ class ChannelHistograms:
 
     def _cover(self, cmin: np.ndarray, cmax: np.ndarray) -> None:
         """Make each channel's range hold ``[cmin_c, cmax_c]`` (and 0): set it on the first call, else grow the
-        channels that need it by a whole number of bins to the left and an integer widening of the bins, by twice
-        what the chunk overshoots (growth events, each a count of the pending values, stay few; the price is at most
-        a factor 3 in resolution per growth, which the 512 bins per channel absorb)."""
+        channels that need it by a whole number of bins to the left and the smallest integer widening of the bins
+        that covers the chunk (growing by more, to grow less often, cost MobileNetV2 per-channel 1.8 points of
+        top-1 for no measurable speed)."""
         if self.counts is None:
             lo, hi = np.minimum(cmin, 0.0), np.maximum(cmax, 0.0)
             span = np.where(hi - lo > 0, hi - lo, 1e-6)
@@ -78,11 +78,9 @@ class ChannelHistograms:
         counts = self.counts if len(grow) else None  # the pending indices are on the grid before growth
         for c in grow:
             w, lo, hi = self.width[c], self.lo[c], self.hi[c]
-            # grown by twice the overshoot on each side it overshoots: a channel grows a few times, not per chunk
-            want_lo = lo - 2.0 * (lo - float(cmin[c])) if cmin[c] < lo else lo
-            j = int(np.ceil((lo - want_lo) / w)) if want_lo < lo else 0
+            j = int(np.ceil((lo - cmin[c]) / w)) if cmin[c] < lo else 0
             new_lo = lo - j * w
-            top = hi + 2.0 * (float(cmax[c]) - hi) if cmax[c] > hi else hi
+            top = max(float(cmax[c]), hi)
             k = max(1, int(np.ceil((top - new_lo) / (self.bins * w) * (1 + 1e-12))))
             while new_lo + self.bins * k * w < top:  # float safety
                 k += 1
