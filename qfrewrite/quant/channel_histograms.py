@@ -67,7 +67,7 @@ class ChannelHistograms:
         """Make each channel's range hold ``[cmin_c, cmax_c]`` (and 0): set it on the first call, else grow the
         channels that need it by a whole number of bins to the left and the smallest integer widening of the bins
         that covers the chunk (growing by more, to grow less often, cost MobileNetV2 per-channel 1.8 points of
-        top-1 for no measurable speed)."""
+        top-1, TFLite, 500 evaluation images)."""
         if self.counts is None:
             lo, hi = np.minimum(cmin, 0.0), np.maximum(cmax, 0.0)
             span = np.where(hi - lo > 0, hi - lo, 1e-6)
