@@ -48,7 +48,7 @@ from qfrewrite.errors import QfrewriteError
 from qfrewrite.ir import WEIGHTED_OPS, Graph, Node, layer_kind, resolve_pads, set_bias
 from qfrewrite.numerics.bias import mean_output_shift
 from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
-from qfrewrite.quant.observers import ActivationStats
+from qfrewrite.quant.observers import ActivationStats, cached_activation_stats
 from qfrewrite.quant.weights import GRANULARITIES, WEIGHT_METHODS, planned_weight_quant, quantized_kernel
 
 __all__ = ["CorrectBias"]
@@ -91,11 +91,10 @@ class CorrectBias(Pass):
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         ctx.require_data(self.name)
-        every = ActivationStats(None)
-        observed = ctx.analysis(every, graph) if ctx.cached(every.name, graph) else None
+        observed = cached_activation_stats(graph, ctx)
         result = self._run_sequential(graph, ctx) if self.mode == "sequential" else self._run_layers(graph, ctx)
         if result.modified and observed is not None:
-            result.carried.append((every, observed))
+            result.carried.append((ActivationStats(None), observed))
         return result
 
     def _run_layers(self, graph: Graph, ctx: Context) -> PassResult:

@@ -65,7 +65,7 @@ from qfrewrite.ir import (WEIGHTED_OPS, Graph, Node, Op, const_operand, is_posit
 from qfrewrite.numerics.equalization import equalization_scales
 from qfrewrite.numerics.kernels import in_absmax, out_absmax, scale_in, scale_out
 from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
-from qfrewrite.quant.observers import ActivationStats
+from qfrewrite.quant.observers import ActivationStats, cached_activation_stats
 from qfrewrite.spec import QuantSpec
 
 __all__ = ["CrossLayerEqualization"]
@@ -79,6 +79,22 @@ def clip_for(spec: QuantSpec) -> str:
     """How equalization treats ReLU6 under ``spec``: ``"fused"`` for every target, since both runtimes fuse only a
     scalar clip into the layer before it (TFLite's XNNPACK and ONNX Runtime's QDQ fusion)."""
     return "fused"
+
+
+def _output_factors(changed) -> dict:
+    """``{value: factor}``: what equalization multiplies each value by, per channel, on the calibration data (the
+    fused clip keeps the function there): the values a pair's first layer produces up to its second layer, by
+    ``1 / s``; every other value is unchanged."""
+    factor = {}
+    for p in changed:
+        for v in [p.first.output.name] + [n.output.name for n in p.chain]:
+            factor[v] = 1.0 / p.scale
+    return factor
+
+
+def _rescaled(values: dict, factor: dict) -> dict:
+    """Per-value statistics (anything with ``rescaled(factor)``) of the equalized graph from those before it."""
+    return {k: (v.rescaled(factor[k]) if k in factor else v) for k, v in values.items()}
 
 
 def _chain_op(node: Node) -> bool:
@@ -158,8 +174,7 @@ class CrossLayerEqualization(Pass):
             return PassResult(graph, False, {"pairs": 0},
                               unpaired + [Skip(None, "no pair of layers joined by a single-reader chain")])
         moments = self._moments(graph, ctx, pairs, clip)
-        every = ActivationStats(None)
-        observed = ctx.analysis(every, graph) if clip == "fused" and ctx.cached(every.name, graph) else None
+        observed = cached_activation_stats(graph, ctx) if clip == "fused" else None
         if self.act_guard:
             self._activation_floors(graph, moments, pairs)
         binding = self._fused_clip_floors(graph, moments, pairs) if clip == "fused" else 0
@@ -207,9 +222,10 @@ class CrossLayerEqualization(Pass):
                 record_output_scaling(p.second, np.repeat(p.scale, p.second.weight.const.shape[3]))
             converted += self._rescale_chain(graph, p, clip)
         graph.remove_unused()
-        carried = self._carried(moments, changed) if clip == "fused" and moments is not None else []
+        factor = _output_factors(changed)
+        carried = [(moments[0], _rescaled(moments[1], factor))] if clip == "fused" and moments is not None else []
         if observed is not None:
-            carried += self._carried_observations(every, observed, changed)
+            carried += self._carried_observations(observed, factor)
         scales = np.concatenate([p.scale for p in changed])
         stats = {"pairs": len(pairs), "equalized": len(changed), "sweeps": sweeps, "converged": moved < self.tol,
                  "last_move": moved, "max_scale": float(scales.max()), "min_scale": float(scales.min()),
@@ -230,7 +246,7 @@ class CrossLayerEqualization(Pass):
         """One pass over the calibration data (``None`` without data): per-channel min/max of the values between
         the layers (a clip's output maximum equals its bound where it binds), and the mean map of every layer's
         input. The maps are for CorrectBias: the fused clip keeps the function on the calibration data, so the maps
-        after equalization are these divided by the scales (:meth:`_carried`) and need no second pass."""
+        after equalization are these divided by the scales (:func:`_output_factors`) and need no second pass."""
         if ctx.data is None:
             return None
         names = {v for p in pairs for v in _between(p)}
@@ -239,29 +255,13 @@ class CrossLayerEqualization(Pass):
             graph, ctx, names, maps=maps, stats=("min", "max"))
 
     @staticmethod
-    def _carried(moments, changed: List[_Pair]):
-        """The moments of the equalized graph: the values a pair's first layer produces up to its second layer are
-        divided by the pair's scales, every other value is unchanged (exact on the calibration data)."""
-        analysis, values = moments
-        factor = {}
-        for p in changed:
-            for v in [p.first.output.name] + [n.output.name for n in p.chain]:
-                factor[v] = 1.0 / p.scale
-        return [(analysis, {k: (m.rescaled(factor[k]) if k in factor else m) for k, m in values.items()})]
-
-    @staticmethod
-    def _carried_observations(every: ActivationStats, observed, changed: List[_Pair]):
+    def _carried_observations(observed, factor):
         """The activation statistics of the equalized graph, when those of the graph before were cached (a shared
-        calibration pass, :func:`~qfrewrite.analysis.calibration_pass.serve`): the values between a pair's layers
-        divided by its scales (:meth:`~qfrewrite.quant.observers.TensorStats.rescaled`: min/max exactly, the
-        histograms from their per-channel histograms), every other value unchanged; nothing when a rescaled value's
-        histogram was kept without per-channel histograms."""
-        factor = {}
-        for p in changed:
-            for v in [p.first.output.name] + [n.output.name for n in p.chain]:
-                factor[v] = 1.0 / p.scale
+        calibration pass, :func:`~qfrewrite.analysis.calibration_pass.serve`): rescaled by :func:`_output_factors`
+        (:meth:`~qfrewrite.quant.observers.TensorStats.rescaled`: min/max exactly, the histograms from their
+        per-channel histograms); nothing when a rescaled value's histogram was kept without per-channel histograms."""
         try:
-            return [(every, {k: (st.rescaled(factor[k]) if k in factor else st) for k, st in observed.items()})]
+            return [(ActivationStats(None), _rescaled(observed, factor))]
         except ValueError as exc:
             log.debug("activation statistics not carried through equalization: %s", exc)
             return []

@@ -56,7 +56,7 @@ from qfrewrite.errors import QfrewriteError
 from qfrewrite.ir import (WEIGHTED_OPS, ClipAttrs, ConvAttrs, FakeQuantAttrs, Graph, Op, ReshapeAttrs, bn_affine, const_operand, is_graph_output, sole_reader)
 from qfrewrite.numerics.ranges import ACTIVATION_METHODS
 from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
-from qfrewrite.quant.observers import ActivationStats, activation_stats
+from qfrewrite.quant.observers import ActivationStats, activation_stats, cached_activation_stats
 from qfrewrite.quant.points import SAME_SCALE_OPS as _SAME_SCALE
 from qfrewrite.quant.points import output_sources as _output_sources
 from qfrewrite.quant.points import quantization_points
@@ -230,7 +230,7 @@ class InsertFakeQuant(Pass):
                      "fold BatchNorm into the layers)", len(rewritten))
             stats["rewritten_as_elementwise"] = rewritten
         every = ActivationStats(None)
-        observed_before = ctx.analysis(every, graph) if ctx.cached(every.name, graph) else None
+        observed_before = cached_activation_stats(graph, ctx)
         aliases: Dict[str, str] = {}
         dense = self._dense_as_conv(graph, weights, method, weight_bits, aliases)
         if dense:

@@ -38,6 +38,7 @@ from ..pass_infra import Analysis, Context
 from .channel_histograms import CHANNEL_BINS, ChannelHistograms
 
 __all__ = ["TensorStats", "StreamingHistogram", "TensorObserver", "ActivationStats", "activation_stats",
+           "cached_activation_stats",
            "observe", "activation_names", "chunk_size"]
 
 log = logging.getLogger(__name__)
@@ -328,6 +329,13 @@ class ActivationStats(Analysis):
     def compute(self, graph: Graph, ctx: Context) -> Dict[str, TensorStats]:
         data = ctx.require_data("activation observers")
         return observe(graph, data.batches(), self.names, self.chunk, self.bins, total=len(data))
+
+
+def cached_activation_stats(graph: Graph, ctx: Context) -> Optional[Dict[str, TensorStats]]:
+    """The cached :class:`ActivationStats` of every activation of ``graph`` (a shared calibration pass or a pass
+    that handed them on left them), or ``None``; never computes them."""
+    every = ActivationStats(None)
+    return ctx.analysis(every, graph) if ctx.cached(every.name, graph) else None
 
 
 def activation_stats(graph: Graph, ctx: Context, names: Optional[Sequence[str]] = None,
