@@ -24,6 +24,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .histogram_grid import bin_indices, regrown
+
 __all__ = ["ChannelHistograms", "CHANNEL_BINS"]
 
 #: bins per channel
@@ -77,16 +79,7 @@ class ChannelHistograms:
         grow = np.flatnonzero((cmin < self.lo) | (cmax > self.hi))
         counts = self.counts if len(grow) else None  # the pending indices are on the grid before growth
         for c in grow:
-            w, lo, hi = self.width[c], self.lo[c], self.hi[c]
-            j = int(np.ceil((lo - cmin[c]) / w)) if cmin[c] < lo else 0
-            new_lo = lo - j * w
-            top = max(float(cmax[c]), hi)
-            k = max(1, int(np.ceil((top - new_lo) / (self.bins * w) * (1 + 1e-12))))
-            while new_lo + self.bins * k * w < top:  # float safety
-                k += 1
-            idx = (j + np.arange(self.bins)) // k
-            counts[c] = np.bincount(idx, weights=counts[c], minlength=self.bins)[:self.bins]
-            self.lo[c], self.width[c] = new_lo, w * k
+            counts[c], self.lo[c], self.width[c] = regrown(counts[c], self.lo[c], self.width[c], cmin[c], cmax[c])
 
     def update(self, sample: np.ndarray, cmin: np.ndarray, cmax: np.ndarray) -> None:
         """Add ``sample`` (channels last); ``cmin``/``cmax``: the channels' extremes over every value of the chunk
@@ -98,10 +91,7 @@ class ChannelHistograms:
         flat = np.asarray(sample, np.float32).reshape(-1, self.channels)
         if flat.size == 0:
             return
-        pos = np.subtract(flat, self.lo.astype(np.float32), dtype=np.float32)
-        pos *= (1.0 / self.width).astype(np.float32)
-        idx = pos.astype(np.int32)
-        np.clip(idx, 0, self.bins - 1, out=idx)
+        idx = bin_indices(flat, self.lo.astype(np.float32), (1.0 / self.width).astype(np.float32), self.bins)
         idx[flat == 0] = self.bins
         idx += (np.arange(self.channels, dtype=np.int32) * (self.bins + 1))
         self._pending.append(idx.ravel())

@@ -9,9 +9,9 @@
   EfficientNet-Lite0). ``hist_values=None`` histograms everything.
 
 **Histogram design: one pass, fixed bin count, exact re-binning when the range grows.** The first chunk sets the
-range ``[min(x, 0), max(x, 0)]``. When a later chunk falls outside, the range is extended to the left by a whole
-number ``j`` of current bins and the bin width multiplied by the smallest integer ``k`` that covers the new data;
-old bin ``m`` then lies wholly inside new bin ``(j + m) // k``, so counts merge exactly (no interpolation). The price is
+range ``[min(x, 0), max(x, 0)]``. When a later chunk falls outside, the range grows exactly
+(:func:`~qfrewrite.quant.histogram_grid.regrown`: a whole number of bins to the left, an integer widening of the
+bins, old bins merged whole). The price is
 resolution: after growth the histogram can be up to ``k`` times coarser than one over the final range, which the
 default 2048 bins absorb (the range search needs a few hundred).
 
@@ -36,6 +36,7 @@ from ..errors import DataError
 from ..ir import Graph
 from ..pass_infra import Analysis, Context
 from .channel_histograms import CHANNEL_BINS, ChannelHistograms
+from .histogram_grid import bin_indices, regrown
 
 __all__ = ["TensorStats", "StreamingHistogram", "TensorObserver", "ActivationStats", "activation_stats",
            "cached_activation_stats",
@@ -67,18 +68,6 @@ class StreamingHistogram:
     def edges(self) -> np.ndarray:
         return self.lo + self.width * np.arange(self.bins + 1)
 
-    def _grow(self, vmin: float, vmax: float) -> None:
-        w = self.width
-        j = int(np.ceil((self.lo - vmin) / w)) if vmin < self.lo else 0
-        new_lo = self.lo - j * w
-        need = max(vmax, self.hi) - new_lo
-        k = max(1, int(np.ceil(need / (self.bins * w) * (1 + 1e-12))))
-        while new_lo + self.bins * k * w < max(vmax, self.hi):  # float safety
-            k += 1
-        idx = (j + np.arange(self.bins)) // k
-        self.counts = np.bincount(idx, weights=self.counts, minlength=self.bins)[:self.bins].astype(np.int64)
-        self.lo, self.width = new_lo, w * k
-
     def cover(self, vmin: float, vmax: float, headroom: float = 0.0) -> None:
         """Make the range hold ``[vmin, vmax]``: set it (widened by ``headroom``) or grow it exactly."""
         if self.counts is None:
@@ -88,7 +77,7 @@ class StreamingHistogram:
             self.lo, self.width = lo, (hi - lo) / self.bins
             self.counts = np.zeros(self.bins, np.int64)
         elif vmin < self.lo or vmax > self.hi:
-            self._grow(vmin, vmax)
+            self.counts, self.lo, self.width = regrown(self.counts, self.lo, self.width, vmin, vmax)
 
     def update(self, x: np.ndarray, vmin: Optional[float] = None, vmax: Optional[float] = None) -> None:
         """Add the values of ``x`` (any shape, float). ``vmin``/``vmax`` may be passed when already known."""
@@ -98,10 +87,7 @@ class StreamingHistogram:
         vmin = float(x.min()) if vmin is None else float(vmin)
         vmax = float(x.max()) if vmax is None else float(vmax)
         self.cover(vmin, vmax)
-        pos = np.subtract(x, np.float32(self.lo), dtype=np.float32)  # also gathers a strided view once
-        pos *= np.float32(1.0 / self.width)
-        idx = pos.astype(np.int32)
-        np.clip(idx, 0, self.bins - 1, out=idx)
+        idx = bin_indices(x, np.float32(self.lo), np.float32(1.0 / self.width), self.bins)
         self.counts += np.bincount(idx.ravel(), minlength=self.bins)
 
 
