@@ -25,7 +25,7 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import MODELS, load_shared_model, shared_images_present, write_rows  # noqa: E402
+from benchmarks.common import MODELS, load_shared_model, report_rows, shared_images_present  # noqa: E402
 
 log = logging.getLogger("bench_rounding")
 
@@ -103,10 +103,7 @@ def main(argv=None) -> int:
     if not shared_images_present():
         return 2
     rows = run(args.models, args.granularity, args.bits, args.rounding, args.recipe, args.calib, args.eval)
-    print(table(rows))
-    if args.json:
-        write_rows(rows, args.json)
-    return 0
+    return report_rows(rows, table, args.json)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import MODELS, load_shared_model, shared_images_present, write_rows  # noqa: E402
+from benchmarks.common import MODELS, load_shared_model, report_rows, shared_images_present  # noqa: E402
 
 CLASSES = ("first", "depthwise", "pointwise", "classifier")
 
@@ -150,10 +150,7 @@ def main(argv=None) -> int:
     if not shared_images_present():
         return 2
     rows = run(args.models, args.configs, args.calib, args.eval, args.rounding)
-    print(table(rows))
-    if args.json:
-        write_rows(rows, args.json)
-    return 0
+    return report_rows(rows, table, args.json)
 
 
 if __name__ == "__main__":

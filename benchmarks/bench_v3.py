@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import SHARED, shared_images_present, split_images, write_rows  # noqa: E402
+from benchmarks.common import SHARED, report_rows, shared_images_present, split_images  # noqa: E402
 
 ARCHS = ("MobileNetV3Small", "MobileNetV3Large")
 
@@ -117,10 +117,7 @@ def main(argv=None) -> int:
         return 2
     rows = run(args.archs, args.size, args.granularity, args.rounding, args.recipes, args.calib, args.eval,
                args.layer_check, args.seed)
-    print(table(rows))
-    if args.json:
-        write_rows(rows, args.json)
-    return 0
+    return report_rows(rows, table, args.json)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,15 @@ def write_rows(rows, path) -> None:
     atomic_write_bytes(path, json.dumps(rows, indent=2).encode())
 
 
+def report_rows(rows, table, path) -> int:
+    """The end of a benchmark run: the rows printed as ``table(rows)`` (Markdown) and, with ``path``, written as JSON
+    (:func:`write_rows`); returns the exit status 0."""
+    print(table(rows))
+    if path:
+        write_rows(rows, path)
+    return 0
+
+
 def split_images(images, n_calib: int, n_eval: int):
     """Disjoint subsets of an ImageSet: calibration from the even positions, evaluation from the odd ones (the
     folder is sorted by class, so both spread over the classes)."""
