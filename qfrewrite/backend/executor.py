@@ -144,7 +144,10 @@ class ReducingExecutor:
                 out["batch_sum"] = tf.reduce_sum(t, axis=0)
             if r.sample_rows:
                 step = 1 if r.sample_rows < 0 else max(1, -(-positions // r.sample_rows))
-                out["sample"] = rows[:, ::step, :] if step > 1 else rows
+                # a gather of the strided positions: the same values as ``rows[:, ::step]``, whose strided slice
+                # runs about ten times slower in TensorFlow on CPU
+                out["sample"] = tf.gather(rows, np.arange(0, positions, step, dtype=np.int32), axis=1) if step > 1 \
+                    else rows
                 if r.sample_zeros:
                     out["sample_zeros"] = tf.reduce_sum(tf.cast(tf.equal(out["sample"], 0.0), tf.int32), axis=[0, 1])
             return out

@@ -97,3 +97,16 @@ def test_histogram_row_sampling_keeps_exact_moments_and_range():
     assert b.hist_hi >= 50.0 and sampled.hist_count < full.hist_count // 4 and b.hist.sum() == sampled.hist_count
     # the sampled histogram has the shape of the full one
     assert np.abs(a.hist / a.hist.sum() - b.hist / b.hist.sum()).sum() < 0.1
+
+
+def test_reduced_sample_is_the_strided_positions():
+    """The in-graph histogram sample (a gather) holds exactly the evenly strided positions of each item."""
+    from qfrewrite.backend.executor import ReducingExecutor, Reduction
+    from qfrewrite.ir import Graph
+
+    g = Graph("id")
+    x = g.add_input("x", (None, 5, 7, 3))
+    g.outputs.append(x)
+    data = np.random.default_rng(1).standard_normal((2, 5, 7, 3)).astype(np.float32)
+    out = ReducingExecutor(g, {"x": Reduction(min=True, sample_rows=4)})(data)["x"]
+    np.testing.assert_array_equal(out["sample"], data.reshape(2, 35, 3)[:, ::9, :])
