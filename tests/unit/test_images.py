@@ -140,3 +140,17 @@ def test_arrays_in_source_layout_and_errors():
     assert len(as_calibration_set(batches, _graph(), limit=3)) == 3
     with pytest.raises(DataError, match="empty"):
         CalibrationSet([])
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_preprocess_table_equals_the_arithmetic(preset):
+    """uint8 images are normalised from a 256-value table per channel: bit for bit the float32 arithmetic."""
+    pre = resolve_preprocess(preset)
+    x = np.random.default_rng(0).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    x[0, 0, 0] = [0, 255, 128]
+    mean, inv = pre._terms()
+    want = (x.astype(np.float32) - mean) * inv
+    got = pre(x)
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(pre(x.astype(np.float32)), want)  # float input: the arithmetic itself
