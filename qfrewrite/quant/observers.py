@@ -210,7 +210,7 @@ class TensorObserver:
             if self.channel_bins:
                 if self.channel_hist is None:
                     self.channel_hist = ChannelHistograms(sample.shape[-1], self.channel_bins)
-                self.channel_hist.update(sample, cmin, cmax)
+                self.channel_hist.update(sample, cmin, cmax, sample_zeros)
 
     def result(self) -> TensorStats:
         if self.cmin is None:
