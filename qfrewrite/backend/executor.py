@@ -152,26 +152,41 @@ class ReducingExecutor:
                     out["sample_zeros"] = tf.reduce_sum(tf.cast(tf.equal(out["sample"], 0.0), tf.int32), axis=[0, 1])
             return out
 
+        # one flat list of outputs, ``self._keys`` naming each: a nested structure costs a walk of it on every call
+        self._keys = [(n, k) for n in names for k in _output_keys(specs[n])]
+
         def fn(*xs):
             if taps:
                 _, tapped = lower(graph, xs, quantize=quantize, taps=taps)
             else:
                 tapped = {}
             values = {n: (xs[inputs[n]] if n in inputs else tapped[n]) for n in names}
-            return {n: reduce(n, values[n], specs[n]) for n in names}
+            reduced = {n: reduce(n, values[n], specs[n]) for n in names}
+            return [reduced[n][k] for n, k in self._keys]
 
         self._fn = tf.function(fn, input_signature=sig, jit_compile=False, autograph=False)
+        self._names = names
 
     def __call__(self, *xs: np.ndarray) -> Dict[str, Dict[str, np.ndarray]]:
         xs = _checked_inputs(self.graph, xs)
-        out = self._fn(*xs)
-        res = {}
-        for name, d in out.items():
-            r = {k: v.numpy() for k, v in d.items()}
+        out = self._fn(*xs)  # an open shape fails here, in the trace, with its DataError
+        res: Dict[str, Dict[str, np.ndarray]] = {}
+        for name in self._names:
             shape = self.graph.value(name).shape
-            r["count"] = len(xs[0]) * (int(np.prod(shape[1:-1])) if len(shape) > 2 else 1)
-            res[name] = r
+            res[name] = {"count": len(xs[0]) * (int(np.prod(shape[1:-1])) if len(shape) > 2 else 1)}
+        for (name, key), value in zip(self._keys, out):
+            res[name][key] = value.numpy()
         return res
+
+
+def _output_keys(r: Reduction) -> List[str]:
+    """The statistics a :class:`Reduction` asks for, in the order :class:`ReducingExecutor` returns them."""
+    keys = [k for k in ("min", "max", "sum", "sumsq", "batch_sum") if getattr(r, k)]
+    if r.sample_rows:
+        keys.append("sample")
+        if r.sample_zeros:
+            keys.append("sample_zeros")
+    return keys
 
 
 def run_graph(graph: Graph, *xs: np.ndarray, quantize: bool = False, batch_size: int = 32) -> List[np.ndarray]:
