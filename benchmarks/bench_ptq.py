@@ -41,8 +41,9 @@ from benchmarks.common import MODELS, SHARED, add_output_options, output_dir, re
 log = logging.getLogger("bench_ptq")
 
 
-def tf_ptq(graph, calib: np.ndarray, per_channel: bool) -> bytes:
-    """TensorFlow's post-training full-integer quantization of the graph's float function."""
+def tf_ptq(graph, calib, per_channel: bool) -> bytes:
+    """TensorFlow's post-training full-integer quantization of the graph's float function; ``calib``: an NHWC array
+    or a calibration set, whose batches are then normalised as the converter asks for them (one image at a time)."""
     import tensorflow as tf
 
     from qfrewrite.emit.tflite import concrete_function
@@ -52,8 +53,9 @@ def tf_ptq(graph, calib: np.ndarray, per_channel: bool) -> bytes:
     conv.optimizations = [tf.lite.Optimize.DEFAULT]
 
     def representative():
-        for i in range(len(calib)):
-            yield [calib[i:i + 1]]
+        for batch in (calib.batches() if hasattr(calib, "batches") else [calib]):
+            for i in range(len(batch)):
+                yield [batch[i:i + 1]]
 
     conv.representative_dataset = representative
     conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]

@@ -12,7 +12,9 @@ are the odd positions, disjoint):
 Measured, each as a ratio to ``tf_ptq`` in the same run:
 
 * **conversion time**: wall time from the imported graph and the decoded images to the ``.tflite`` bytes (image
-  decoding excluded for all), the three pipelines interleaved, ``--time-rounds`` rounds, the median per pipeline;
+  decoding excluded for all; their normalisation included for all: TF PTQ's representative dataset normalises
+  them batch by batch inside its timed conversion, as the rewrites read them), the three pipelines interleaved,
+  ``--time-rounds`` rounds, the median per pipeline;
 * **latency**: LiteRT with XNNPACK, batch 1, at each of ``--threads``, the models of one model and granularity (and
   TF PTQ's per-channel model) timed in interleaved rounds: each round the median of ``--invokes`` invocations of
   each model in turn, ``--rounds`` rounds, the median of the rounds; the ratio to TF PTQ's per-channel model;
@@ -34,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -46,8 +47,8 @@ log = logging.getLogger("bench_recipes")
 METHODS = ("tf_ptq", "plain", "dfq")
 
 
-def convert_once(method: str, graph, calib_set, calib_array, granularity: str) -> bytes:
-    """One pipeline from the imported graph to TFLite bytes."""
+def convert_once(method: str, graph, calib_set, granularity: str) -> bytes:
+    """One pipeline from the imported graph and the decoded calibration images (``calib_set``) to TFLite bytes."""
     import qfrewrite
     from qfrewrite import recipes
     from qfrewrite.passes import FoldBatchNorm
@@ -56,7 +57,7 @@ def convert_once(method: str, graph, calib_set, calib_array, granularity: str) -
 
     if method == "tf_ptq":
         folded = qfrewrite.rewrite(graph, [FoldBatchNorm()], stats=False, verify=False).graph
-        return tf_ptq(folded, calib_array, granularity == "per_channel")
+        return tf_ptq(folded, calib_set, granularity == "per_channel")
     recipe = getattr(recipes, method)(weights=granularity)
     return qfrewrite.rewrite(graph, recipe, data=calib_set).to_tflite()
 
@@ -90,19 +91,18 @@ def run(models, granularities, n_calib: int, n_eval: int, threads, rounds: int, 
     rows: List[Dict] = []
     for name in models:
         graph, offset, calib, evals = load_shared_model(name, n_calib, n_eval)
-        calib_array = np.concatenate(list(calib.batches()))
         files: Dict[tuple, bytes] = {}
         seconds: Dict[tuple, List[float]] = {}
         if warmup:  # the first conversions of a process pay for TensorFlow's and LiteRT's start-up: not timed
             few = calib.subset(slice(0, 32))
             for method in METHODS:
-                convert_once(method, graph, few, calib_array[:32], granularities[0])
+                convert_once(method, graph, few, granularities[0])
             warmup = False
         for r in range(time_rounds):
             for gran in granularities:
                 for method in METHODS:
                     t0 = time.perf_counter()
-                    fb = convert_once(method, graph, calib, calib_array, gran)
+                    fb = convert_once(method, graph, calib, gran)
                     seconds.setdefault((method, gran), []).append(time.perf_counter() - t0)
                     files[(method, gran)] = fb
                     if save is not None:
