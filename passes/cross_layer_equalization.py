@@ -125,6 +125,7 @@ class CrossLayerEqualization(Pass):
 
     requires = frozenset({Property.BN_FOLDED})
     ensures = frozenset({Property.EQUALIZED})
+    rescales_channels = True
     forbids = frozenset({Property.WEIGHTS_FINAL, Property.QUANTIZED})
 
     def __init__(self, clip: Optional[str] = None, max_iter: int = 50, tol: float = 1e-3, min_range: float = 1e-3,

@@ -11,8 +11,9 @@ The candidates share one calibration pass: the activation statistics of the grap
 observers and the mean maps of the weighted layers' inputs, :mod:`qfrewrite.analysis.calibration_pass`) are computed
 once on the calibration images and served to every candidate, so a candidate that quantizes the graph as it is
 (``plain``) runs no pass of its own over the data, and neither does one whose passes hand the statistics on:
-CrossLayerEqualization with its clip fused rescales them (per-channel histograms included), CorrectBias keeps them,
-so ``recipes.dfq()``'s candidate calibrates InsertFakeQuant from the same pass.
+CrossLayerEqualization with its clip fused rescales them (per-channel histograms included, kept only when a
+candidate holds a pass that ``rescales_channels``), CorrectBias keeps them, so ``recipes.dfq()``'s candidate
+calibrates InsertFakeQuant from the same pass.
 
 With fewer than ``2 * min_holdout`` calibration images nothing can be held back: the first candidate is kept and
 the report says so. ``stats["scores"]`` gives each candidate's SQNR (dB) and top-1 agreement with float on the held-back
@@ -101,7 +102,8 @@ class SelectBest(Pass):
         x = np.concatenate(list(held.batches()))
         reference = ctx.analysis(TracedGraph(), graph)(x)  # the manager's drift measurement traced it already
         t0 = time.perf_counter()
-        shared = calibration_statistics(graph, calib)
+        shared = calibration_statistics(graph, calib, channel_histograms=any(
+            p.rescales_channels for pm in self.candidates.values() for p in pm.passes))
         shared_seconds = time.perf_counter() - t0
         scores: Dict[str, dict] = {}
         results: Dict[str, PassResult] = {}

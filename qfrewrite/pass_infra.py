@@ -146,6 +146,9 @@ class Pass:
 
     exact: ClassVar[bool] = True
     needs_data: ClassVar[bool] = False
+    #: the pass multiplies activation channels by per-channel factors and hands the cached activation statistics on
+    #: rescaled, which needs their per-channel histograms (a shared calibration pass keeps them only for such a pass)
+    rescales_channels: ClassVar[bool] = False
     requires: ClassVar[FrozenSet[Property]] = frozenset()
     ensures: ClassVar[FrozenSet[Property]] = frozenset()
     forbids: ClassVar[FrozenSet[Property]] = frozenset()

@@ -3,6 +3,7 @@ import pytest
 
 import qfrewrite
 from qfrewrite import recipes
+from qfrewrite.errors import QfrewriteError
 from qfrewrite.pass_infra import Context, Pass, ordered
 from qfrewrite.passes import CorrectBias, CrossLayerEqualization, FoldBatchNorm, FoldDeadChannels, InsertFakeQuant
 from qfrewrite.spec import QuantSpec
@@ -26,25 +27,60 @@ def test_dfq_carries_the_spec_that_its_passes_read():
     assert [type(p) for p in passes].index(FoldDeadChannels) < [type(p) for p in passes].index(CrossLayerEqualization)
     cle = [p for p in passes if isinstance(p, CrossLayerEqualization)][0]
     assert cle.clip is None and not cle.exact  # the spec's choice: the fused clip, exact on the calibration data
-    assert recipes.dfq(clip="exact", quantize=False)[2].exact
+    assert recipes.dfq(weights="per_tensor", clip="exact", quantize=False)[2].exact
 
 
 def test_recipe_order_comes_from_the_contracts_not_the_listing():
-    dfq = recipes.dfq(absorb=True, compare=False)
+    dfq = recipes.dfq(weights="per_tensor", absorb=True, compare=False)
     assert [p.name for p in dfq] == ["FoldBatchNorm", "FoldDeadChannels", "CrossLayerEqualization", "AbsorbBias",
                                      "CorrectBias", "InsertFakeQuant"]
     shuffled = ordered([InsertFakeQuant(), CorrectBias(), CrossLayerEqualization(), FoldDeadChannels(),
                         FoldBatchNorm()])
-    assert [p.name for p in shuffled] == [p.name for p in recipes.dfq(compare=False)]
+    assert [p.name for p in shuffled] == [p.name for p in recipes.dfq(weights="per_tensor", compare=False)]
 
 
 def test_dfq_compares_itself_with_plain_by_default():
-    dfq = recipes.dfq()
+    dfq = recipes.dfq(weights="per_tensor")
     assert [p.name for p in dfq] == ["FoldBatchNorm", "FoldDeadChannels", "SelectBest"]
     cands = dfq[2].candidates
     assert [p.name for p in cands["dfq"].passes] == ["CrossLayerEqualization", "CorrectBias",
                                                     "InsertFakeQuant"]
     assert [p.name for p in cands["plain"].passes] == ["InsertFakeQuant"]
+
+
+def test_dfq_equalizes_except_for_per_channel_8_bit_nearest_rounding():
+    names = lambda r: [p.name for p in r]  # noqa: E731
+    assert names(recipes.dfq(quantize=False)) == ["FoldBatchNorm", "FoldDeadChannels", "CorrectBias"]
+    assert names(recipes.dfq(weights="per_channel")[2].candidates["dfq"].passes) == ["CorrectBias", "InsertFakeQuant"]
+    for kw in ({"weights": "per_tensor"}, {"weight_bits": 4}, {"rounding": "learned"},
+               {"weights": "per_channel", "equalize": True}):
+        assert "CrossLayerEqualization" in names(recipes.dfq(quantize=False, **kw)), kw
+    assert "CrossLayerEqualization" not in names(recipes.dfq(weights="per_tensor", equalize=False, quantize=False))
+    with pytest.raises(QfrewriteError, match="equalize=True"):
+        recipes.dfq(weights="per_channel", clip="exact")
+    assert names(recipes.dfq(weights="per_channel", equalize=True, clip="exact", quantize=False))[2] == \
+        "CrossLayerEqualization"
+
+
+def test_select_best_keeps_channel_histograms_only_for_a_candidate_that_rescales(monkeypatch):
+    """The shared calibration pass bins per channel only when a candidate's pass hands the statistics on rescaled."""
+    import qfrewrite.passes.select_best as select_best
+
+    asked = []
+    real = select_best.calibration_statistics
+
+    def spy(graph, data, channel_histograms=True):
+        asked.append(channel_histograms)
+        return real(graph, data, channel_histograms=channel_histograms)
+
+    monkeypatch.setattr(select_best, "calibration_statistics", spy)
+    rng = np.random.default_rng(0)
+    g = dead_channel_mobilenet(rng)
+    x = rng.standard_normal((40, *g.inputs[0].shape[1:])).astype(np.float32)
+    for weights in ("per_channel", "per_tensor"):
+        res = qfrewrite.rewrite(g, passes=recipes.dfq(weights=weights), data=x)
+        assert res.report["SelectBest"].stats["scores"]
+    assert asked == [False, True]
 
 
 def test_recipe_options_must_be_spec_fields_or_fakequant_knobs():
