@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -289,17 +290,29 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
     per_channel = frozenset(channel_hist_names)
     observers = {n: TensorObserver(n, bins, channel_bins=channel_bins if n in per_channel else 0) for n in names}
     disable = None if progress is None else not progress
-    with tqdm(total=total, desc="calibrating", unit="img", disable=disable, leave=False) as bar:
+    def absorb(reduced: Dict[str, Dict[str, np.ndarray]], images: int) -> None:
+        for n, r in reduced.items():
+            observers[n].update_reduced(r["min"], r["max"], r["count"], r.get("sample"), r.get("sample_zeros"))
+            if "batch_sum" in r:
+                observers[n].update_map(r["batch_sum"], images)
+
+    # the observers take in chunk k on a worker thread while TensorFlow runs chunk k + 1 (numpy and TensorFlow both
+    # release the GIL); one worker, so the chunks are taken in order and the statistics are those of a serial loop
+    with tqdm(total=total, desc="calibrating", unit="img", disable=disable, leave=False) as bar, \
+            ThreadPoolExecutor(max_workers=1) as worker:
+        pending = None
         for batch in batches:
             for s in range(0, len(batch), chunk):
                 x = batch[s:s + chunk]
                 if len(x) == 0:
                     continue
-                for n, r in ex(x).items():
-                    observers[n].update_reduced(r["min"], r["max"], r["count"], r.get("sample"), r.get("sample_zeros"))
-                    if "batch_sum" in r:
-                        observers[n].update_map(r["batch_sum"], len(x))
+                reduced = ex(x)
+                if pending is not None:
+                    pending.result()
+                pending = worker.submit(absorb, reduced, len(x))
                 bar.update(len(x))
+        if pending is not None:
+            pending.result()
     return {n: o.result() for n, o in observers.items()}
 
 
