@@ -50,12 +50,17 @@ def top1(graph, images, offset: int, quantize: bool, batch: int = 50) -> float:
 
 def top1_tflite(flatbuffer: bytes, images, offset: int) -> float:
     """Top-1 (%) of a TFLite model run image by image in LiteRT."""
+    return 100.0 * float(np.mean(predictions_tflite(flatbuffer, images) - offset == images.labels))
+
+
+def predictions_tflite(flatbuffer: bytes, images) -> np.ndarray:
+    """The arg-max class index of a TFLite model on each image, run image by image in LiteRT."""
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_content=flatbuffer)
     it.allocate_tensors()
     inp, out = it.get_input_details()[0], it.get_output_details()[0]
-    hits = 0
+    preds = np.empty(len(images), np.int64)
     for i in range(len(images)):
         x = images.preprocess(images.images[i:i + 1])
         if inp["dtype"] != np.float32:
@@ -63,8 +68,8 @@ def top1_tflite(flatbuffer: bytes, images, offset: int) -> float:
             x = np.clip(np.round(x / scale + zero), -128, 127).astype(inp["dtype"])
         it.set_tensor(inp["index"], x)
         it.invoke()
-        hits += int(it.get_tensor(out["index"]).reshape(-1).argmax() - offset == images.labels[i])
-    return 100.0 * hits / len(images)
+        preds[i] = int(it.get_tensor(out["index"]).reshape(-1).argmax())
+    return preds
 
 
 def run(models, recipe_names, granularities, n_calib: int, n_eval: int, activations: Optional[str],

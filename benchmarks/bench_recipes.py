@@ -19,7 +19,9 @@ Measured, each as a ratio to ``tf_ptq`` in the same run:
   TF PTQ's per-channel model) timed in interleaved rounds: each round the median of ``--invokes`` invocations of
   each model in turn, ``--rounds`` rounds, the median of the rounds; the ratio to TF PTQ's per-channel model;
 * **op counts** of each file beside TF PTQ's;
-* **top-1** of each file in LiteRT on the evaluation images.
+* **top-1** of each file in LiteRT on the evaluation images, and its **agreement with float**: the share of the
+  evaluation images on which its top class is the float model's (the float graph run by the reference executor),
+  the steadier figure where two int8 models differ by a few images of top-1.
 
     python benchmarks/bench_recipes.py                      # the four ../shared models, 500 + 500 images
     python benchmarks/bench_recipes.py --models torchvision_v2 --calib 200 --eval 200 --skip latency
@@ -36,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,10 +65,23 @@ def convert_once(method: str, graph, calib_set, granularity: str) -> bytes:
     return qfrewrite.rewrite(graph, recipe, data=calib_set).to_tflite()
 
 
-def top1(flatbuffer: bytes, evals, offset: int) -> float:
-    from benchmarks.bench_passes import top1_tflite
+def accuracy(flatbuffer: bytes, evals, offset: int, float_preds) -> Dict[str, float]:
+    """Top-1 (%) of a TFLite file on the evaluation images and its top-1 agreement (%) with the float model."""
+    from benchmarks.bench_passes import predictions_tflite
 
-    return top1_tflite(flatbuffer, evals, offset)
+    preds = predictions_tflite(flatbuffer, evals)
+    return {"top1": 100.0 * float(np.mean(preds - offset == evals.labels)),
+            "agreement": 100.0 * float(np.mean(preds == float_preds))}
+
+
+def float_predictions(graph, evals) -> np.ndarray:
+    """The float model's arg-max class on each evaluation image (reference executor, BatchNorm folded)."""
+    import qfrewrite
+    from qfrewrite.backend.executor import run_graph
+    from qfrewrite.passes import FoldBatchNorm
+
+    folded = qfrewrite.rewrite(graph, [FoldBatchNorm()], stats=False, verify=False).graph
+    return np.concatenate([run_graph(folded, b)[0].reshape(len(b), -1).argmax(axis=1) for b in evals.batches()])
 
 
 def interleaved_latency(models: Dict[str, bytes], threads: int, rounds: int, invokes: int) -> Dict[str, float]:
@@ -111,6 +127,10 @@ def run(models, granularities, n_calib: int, n_eval: int, threads, rounds: int, 
                         save.mkdir(parents=True, exist_ok=True)
                         atomic_write_bytes(save / f"{name}.{gran}.{method}.tflite", fb)
                     log.info("%s %s %s: %.1f s", name, gran, method, seconds[(method, gran)][-1])
+        if "accuracy" not in skip:
+            float_preds = float_predictions(graph, evals)
+            float_top1 = 100.0 * float(np.mean(float_preds - offset == evals.labels))
+            print(f"{name} float: top-1 {float_top1:.1f}", flush=True)
         for gran in granularities:
             base = statistics.median(seconds[("tf_ptq", gran)])
             for method in METHODS:
@@ -120,10 +140,12 @@ def run(models, granularities, n_calib: int, n_eval: int, threads, rounds: int, 
                        "time_ratio": sec / base, "ops": op_counts(fb), "size": len(fb),
                        "calib": len(calib), "eval": len(evals)}
                 if "accuracy" not in skip:
-                    row["top1"] = top1(fb, evals, offset)
+                    row.update(accuracy(fb, evals, offset, float_preds))
+                    row["float_top1"] = float_top1
                 rows.append(row)
                 print(f"{name} {gran} {method}: {sec:.1f} s ({sec / base:.2f}x TF PTQ)"
-                      + (f", top-1 {row['top1']:.1f}" if "top1" in row else ""), flush=True)
+                      + (f", top-1 {row['top1']:.1f}, agreement with float {row['agreement']:.1f}"
+                         if "top1" in row else ""), flush=True)
         if "latency" not in skip:
             for gran in granularities:
                 group = {m: files[(m, gran)] for m in METHODS}
@@ -167,16 +189,17 @@ def _ops_text(ops: Dict[str, int], ref: Dict[str, int]) -> str:
 
 
 def tables(rows: List[Dict], threads) -> str:
-    out = ["| model | weights | method | top-1 % | conversion s | time / TF PTQ | "
-           + " | ".join(f"latency {t}T / TF PTQ PC" for t in threads) + " | ops beside TF PTQ's |",
-           "|---|---|---|---|---|---|" + "---|" * len(threads) + "---|"]
+    out = ["| model | weights | method | top-1 % (float) | agreement with float % | conversion s | time / TF PTQ | "
+           + "".join(f"latency {t}T / TF PTQ PC | " for t in threads) + "ops beside TF PTQ's |",
+           "|---|---|---|---|---|---|---|" + "---|" * len(threads) + "---|"]
     for r in rows:
         ref = next(x for x in rows if x["model"] == r["model"] and x["granularity"] == r["granularity"]
                    and x["method"] == "tf_ptq")
-        lat = " | ".join(f"{r['latency_ratio'][t]:.3f}" if "latency_ratio" in r else "" for t in threads)
-        top = f"{r['top1']:.1f}" if "top1" in r else ""
-        out.append(f"| {r['model']} | {r['granularity']} | {r['method']} | {top} | {r['seconds']:.1f} | "
-                   f"{r['time_ratio']:.2f} | {lat} | {_ops_text(r['ops'], ref['ops'])} |")
+        lat = "".join((f"{r['latency_ratio'][t]:.3f}" if "latency_ratio" in r else "") + " | " for t in threads)
+        top = f"{r['top1']:.1f} ({r['float_top1']:.1f})" if "top1" in r else ""
+        agree = f"{r['agreement']:.1f}" if "agreement" in r else ""
+        out.append(f"| {r['model']} | {r['granularity']} | {r['method']} | {top} | {agree} | {r['seconds']:.1f} | "
+                   f"{r['time_ratio']:.2f} | {lat}{_ops_text(r['ops'], ref['ops'])} |")
     return "\n".join(out)
 
 
