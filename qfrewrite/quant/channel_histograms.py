@@ -61,7 +61,8 @@ class ChannelHistograms:
 
     def _flush(self) -> None:
         if self._pending:
-            flat = np.bincount(np.concatenate(self._pending), minlength=self.channels * self.bins)
+            every = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+            flat = np.bincount(every, minlength=self.channels * self.bins)
             flat -= self._pending_zeros
             self._counts += flat.reshape(self.channels, self.bins)
             self._pending, self._pending_size = [], 0
@@ -97,7 +98,7 @@ class ChannelHistograms:
         if flat.size == 0:
             return
         lo, inv = self.lo.astype(np.float32), (1.0 / self.width).astype(np.float32)
-        offsets = np.arange(self.channels, dtype=np.int32) * self.bins
+        offsets = np.arange(self.channels, dtype=np.intp) * self.bins
         idx = bin_indices(flat, lo, inv, self.bins)
         idx += offsets
         zeros = (len(flat) - np.count_nonzero(flat, axis=0) if zeros is None

@@ -18,11 +18,13 @@ __all__ = ["bin_indices", "regrown"]
 
 
 def bin_indices(x: np.ndarray, lo, inv_width, bins: int) -> np.ndarray:
-    """``int32`` bin of each value of ``x`` on the grid ``lo + width * [0, bins]`` (``lo``, ``inv_width = 1 /
-    width`` float32 scalars or per-channel vectors), values outside it in the outer bins."""
+    """The bin of each value of ``x`` on the grid ``lo + width * [0, bins]`` (``lo``, ``inv_width = 1 / width``
+    float32 scalars or per-channel vectors), values outside it in the outer bins; as ``intp``, the index type that
+    ``np.bincount`` takes without a converting copy (int32 indices cost the per-channel histograms half their
+    time)."""
     pos = np.subtract(x, lo, dtype=np.float32)  # also gathers a strided view once
     pos *= inv_width
-    idx = pos.astype(np.int32)
+    idx = pos.astype(np.intp)
     np.clip(idx, 0, bins - 1, out=idx)
     return idx
 
