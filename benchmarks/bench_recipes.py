@@ -15,9 +15,12 @@ Measured, each as a ratio to ``tf_ptq`` in the same run:
   decoding excluded for all; their normalisation included for all: TF PTQ's representative dataset normalises
   them batch by batch inside its timed conversion, as the rewrites read them), the three pipelines interleaved,
   ``--time-rounds`` rounds, the median per pipeline;
-* **latency**: LiteRT with XNNPACK, batch 1, at each of ``--threads``, the models of one model and granularity (and
-  TF PTQ's per-channel model) timed in interleaved rounds: each round the median of ``--invokes`` invocations of
-  each model in turn, ``--rounds`` rounds, the median of the rounds; the ratio to TF PTQ's per-channel model;
+* **latency**: LiteRT with XNNPACK, batch 1, at each of ``--threads``, the models of one model and granularity and
+  TF PTQ's per-channel model timed in interleaved rounds (:func:`interleaved_latency`): each round builds every
+  interpreter afresh, times the median of ``--invokes`` invocations of each in turn (the order rotated from round
+  to round) and divides each by the reference's; the figure is the median of ``--rounds`` such ratios. In the
+  per-channel group, ``tf_ptq`` is TF PTQ's per-channel file timed against a second interpreter of itself: that
+  row is the measurement's noise floor;
 * **op counts** of each file beside TF PTQ's;
 * **top-1** of each file in LiteRT on the evaluation images, and its **agreement with float**: the share of the
   evaluation images on which its top class is the float model's (the float graph run by the reference executor),
@@ -84,16 +87,28 @@ def float_predictions(graph, evals) -> np.ndarray:
     return np.concatenate([run_graph(folded, b)[0].reshape(len(b), -1).argmax(axis=1) for b in evals.batches()])
 
 
-def interleaved_latency(models: Dict[str, bytes], threads: int, rounds: int, invokes: int) -> Dict[str, float]:
-    """Median over ``rounds`` of each model's median invoke time (seconds), the models timed in turn each round."""
+def interleaved_latency(models: Dict[str, bytes], reference: bytes, threads: int, rounds: int,
+                        invokes: int) -> Dict[str, Dict[str, float]]:
+    """``{model: {"seconds": s, "ratio": r}}``: each model's median invoke time over ``rounds`` and the median over
+    the rounds of its time divided by ``reference``'s in the same round.
+
+    Paired per round, so that a slow stretch of a shared machine slows both sides of a ratio. Every round builds
+    each interpreter afresh (an interpreter keeps its memory placement: two interpreters of one file differed by
+    up to 4%, steadily, when built once) and rotates the order in which they are timed."""
     from benchmarks.bench_latency import median_invoke, ready_interpreter
 
-    its = {k: ready_interpreter(fb, threads) for k, fb in models.items()}
-    per_round: Dict[str, List[float]] = {k: [] for k in its}
-    for _ in range(rounds):
-        for k, it in its.items():
-            per_round[k].append(median_invoke(it, invokes))
-    return {k: statistics.median(v) for k, v in per_round.items()}
+    keys = [*models, "__reference__"]
+    files = {**models, "__reference__": reference}
+    times: Dict[str, List[float]] = {k: [] for k in keys}
+    for r in range(rounds):
+        order = keys[r % len(keys):] + keys[:r % len(keys)]
+        its = {k: ready_interpreter(files[k], threads) for k in order}
+        for k in order:
+            times[k].append(median_invoke(its[k], invokes))
+        del its
+    ref = times["__reference__"]
+    return {k: {"seconds": statistics.median(times[k]),
+                "ratio": statistics.median(a / b for a, b in zip(times[k], ref))} for k in models}
 
 
 def op_counts(flatbuffer: bytes) -> Dict[str, int]:
@@ -149,17 +164,15 @@ def run(models, granularities, n_calib: int, n_eval: int, threads, rounds: int, 
         if "latency" not in skip:
             for gran in granularities:
                 group = {m: files[(m, gran)] for m in METHODS}
-                group["tf_ptq_pc"] = files.get(("tf_ptq", "per_channel"), group["tf_ptq"])
+                reference = files.get(("tf_ptq", "per_channel"), group["tf_ptq"])
                 for t in threads:
-                    lat = interleaved_latency(group, t, rounds, invokes)
+                    lat = interleaved_latency(group, reference, t, rounds, invokes)
                     for method in METHODS:
                         row = next(r for r in rows if r["model"] == name and r["granularity"] == gran
                                    and r["method"] == method)
-                        row.setdefault("latency_ms", {})[t] = lat[method] * 1e3
-                        row.setdefault("latency_ratio", {})[t] = lat[method] / lat["tf_ptq_pc"]
-                    print(f"{name} {gran} {t} thread(s): " + ", ".join(
-                        f"{m} {lat[m] * 1e3:.2f} ms ({lat[m] / lat['tf_ptq_pc']:.3f}x)" for m in METHODS),
-                        flush=True)
+                        row.setdefault("latency_ms", {})[t] = lat[method]["seconds"] * 1e3
+                        row.setdefault("latency_ratio", {})[t] = lat[method]["ratio"]
+                    print(f"{name} {gran} {t} thread(s): " + _latency_text(lat), flush=True)
     return rows
 
 
@@ -171,15 +184,18 @@ def latency_only(folder: Path, models, granularities, threads, rounds: int, invo
         for gran in granularities:
             group = {m: (folder / f"{name}.{gran}.{m}.tflite").read_bytes() for m in METHODS}
             pc = folder / f"{name}.per_channel.tf_ptq.tflite"
-            group["tf_ptq_pc"] = pc.read_bytes() if pc.exists() else group["tf_ptq"]
+            reference = pc.read_bytes() if pc.exists() else group["tf_ptq"]
             for t in threads:
-                lat = interleaved_latency(group, t, rounds, invokes)
-                print(f"{name} {gran} {t} thread(s): " + ", ".join(
-                    f"{m} {lat[m] * 1e3:.2f} ms ({lat[m] / lat['tf_ptq_pc']:.3f}x)" for m in METHODS), flush=True)
-                out.append(f"| {name} | {gran} | {t} | " + " | ".join(f"{lat[m] / lat['tf_ptq_pc']:.3f}"
-                                                                      for m in METHODS) + " |")
+                lat = interleaved_latency(group, reference, t, rounds, invokes)
+                print(f"{name} {gran} {t} thread(s): " + _latency_text(lat), flush=True)
+                out.append(f"| {name} | {gran} | {t} | " + " | ".join(f"{lat[m]['ratio']:.3f}" for m in METHODS)
+                           + " |")
     print("\n".join(out))
     return 0
+
+
+def _latency_text(lat: Dict[str, Dict[str, float]]) -> str:
+    return ", ".join(f"{m} {v['seconds'] * 1e3:.2f} ms ({v['ratio']:.3f}x)" for m, v in lat.items())
 
 
 def _ops_text(ops: Dict[str, int], ref: Dict[str, int]) -> str:
@@ -211,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", type=int, default=500, help="calibration images (even positions)")
     ap.add_argument("--eval", type=int, default=500, help="evaluation images (odd positions)")
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--rounds", type=int, default=15, help="interleaved latency rounds")
+    ap.add_argument("--rounds", type=int, default=31, help="interleaved latency rounds")
     ap.add_argument("--invokes", type=int, default=50, help="invocations per model and round")
     ap.add_argument("--time-rounds", type=int, default=1, help="interleaved conversion-time rounds")
     ap.add_argument("--skip", nargs="*", default=[], choices=["accuracy", "latency"])
