@@ -37,9 +37,9 @@ log = logging.getLogger("bench_finetune")
 
 def float_top1(keras_model, evals, offset: int, batch_size: int = 50) -> float:
     """Top-1 (%) of a Keras model (inference mode) on an ImageSet."""
-    hits = 0
+    hits, images = 0, evals.images
     for s in range(0, len(evals), batch_size):
-        y = np.asarray(keras_model(evals.preprocess(evals.images[s:s + batch_size]), training=False))
+        y = np.asarray(keras_model(evals.preprocess(images[s:s + batch_size]), training=False))
         hits += int(np.sum(y.reshape(len(y), -1).argmax(-1) - offset == evals.labels[s:s + batch_size]))
     return 100.0 * hits / len(evals)
 

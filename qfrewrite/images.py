@@ -259,38 +259,58 @@ class ImageSet(CalibrationSet):
     """Decoded, cropped images (uint8, NHWC) normalised batch by batch; a :class:`CalibrationSet`.
 
     ``files`` are the image paths in order; ``labels`` their class indices when the folder has ``labels.tsv``.
+    ``index`` (what :meth:`subset` passes): the set is the images at these positions of ``images``, read in that
+    order batch by batch, so that a subset shares its parent's decoded array instead of copying it.
     """
 
     def __init__(self, images: np.ndarray, preprocess: Preprocess, batch_size: int = 32,
-                 files: Sequence[Path] = (), labels: Optional[np.ndarray] = None, name: str = "images"):
-        if images.ndim != 4 or len(images) == 0:
+                 files: Sequence[Path] = (), labels: Optional[np.ndarray] = None, name: str = "images",
+                 index: Optional[np.ndarray] = None):
+        self._source = images
+        self._index = None if index is None else np.asarray(index, np.intp)
+        self._gathered: Optional[np.ndarray] = None
+        if images.ndim != 4 or len(self) == 0:
             raise DataError(f"image data {name!r} is empty")
-        self.images = images
         self.preprocess = preprocess
         self.batch_size = max(1, int(batch_size))
         self.files = list(files)
         self.labels = labels
         self.name = name
 
+    @property
+    def images(self) -> np.ndarray:
+        """The set's decoded images as one uint8 array (for a subset, gathered on first use and kept)."""
+        if self._index is None:
+            return self._source
+        if self._gathered is None:
+            self._gathered = self._source[self._index]
+        return self._gathered
+
+    def _rows(self, start: int, stop: int) -> np.ndarray:
+        """Images ``start:stop`` of the set (a view of the decoded array, or a gather of a subset's positions)."""
+        return self._source[start:stop] if self._index is None else self._source[self._index[start:stop]]
+
     def batches(self) -> Iterator[np.ndarray]:
-        for s in range(0, len(self.images), self.batch_size):
-            yield self.preprocess(self.images[s:s + self.batch_size])
+        for s in range(0, len(self), self.batch_size):
+            yield self.preprocess(self._rows(s, s + self.batch_size))
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self._source) if self._index is None else len(self._index)
 
     @property
     def num_batches(self) -> int:
-        return -(-len(self.images) // self.batch_size)
+        return -(-len(self) // self.batch_size)
 
     def drift_batch(self, max_items: int = 16) -> List[np.ndarray]:
-        return [self.preprocess(self.images[:max_items])]
+        return [self.preprocess(self._rows(0, max_items))]
 
     def subset(self, index) -> "ImageSet":
-        """The images at ``index`` (a slice or integer array), same preprocessing."""
-        idx = np.arange(len(self.images))[index]
-        return ImageSet(self.images[idx], self.preprocess, self.batch_size, [self.files[i] for i in idx]
-                        if self.files else (), None if self.labels is None else self.labels[idx], self.name)
+        """The images at ``index`` (a slice or integer array), same preprocessing; the decoded array is shared, not
+        copied."""
+        idx = np.arange(len(self))[index]
+        return ImageSet(self._source, self.preprocess, self.batch_size, [self.files[i] for i in idx]
+                        if self.files else (), None if self.labels is None else self.labels[idx], self.name,
+                        index=idx if self._index is None else self._index[idx])
 
 
 class ImageFolder:

@@ -154,3 +154,28 @@ def test_preprocess_table_equals_the_arithmetic(preset):
     assert got.dtype == np.float32 and got.shape == x.shape
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(pre(x.astype(np.float32)), want)  # float input: the arithmetic itself
+
+
+def test_subset_shares_the_decoded_array_and_reads_its_positions_in_order():
+    from qfrewrite.images import ImageSet
+
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (10, 4, 4, 3), dtype=np.uint8)
+    full = ImageSet(raw, resolve_preprocess("inception"), batch_size=3, files=[f"f{i}" for i in range(10)],
+                    labels=np.arange(10))
+    idx = np.array([9, 0, 4, 5, 7])
+    sub = full.subset(idx)
+    assert sub._source is raw  # no copy of the decoded images
+    assert len(sub) == 5 and sub.num_batches == 2 and sub.files == ["f9", "f0", "f4", "f5", "f7"]
+    np.testing.assert_array_equal(sub.labels, idx)
+    want = resolve_preprocess("inception")(raw[idx])
+    np.testing.assert_array_equal(np.concatenate(list(sub.batches())), want)
+    np.testing.assert_array_equal(sub.drift_batch(2)[0], want[:2])
+    np.testing.assert_array_equal(sub.images, raw[idx])
+    # a subset of a subset indexes the original positions
+    subsub = sub.subset(slice(1, 4))
+    np.testing.assert_array_equal(subsub.images, raw[[0, 4, 5]])
+    assert subsub.files == ["f0", "f4", "f5"] and list(subsub.labels) == [0, 4, 5]
+    with pytest.raises(DataError, match="empty"):
+        full.subset(slice(0, 0))
+    assert sub.images is sub.images  # gathered once, not on every access
