@@ -296,11 +296,11 @@ def _initialise(student, teacher, student_graph: Graph, x: np.ndarray, batch_siz
             continue
         target = None
         if init != "identity":
-            target = keras.Model(teacher.inputs, teacher.get_layer(keras_layer_name(name)).output)
+            target = keras.Model(teacher.input, teacher.get_layer(keras_layer_name(name)).output)
         if init == "refit" and name in refit:
             layer = student.get_layer(keras_layer_name(name))
             current = layer.get_weights()
-            w, b = _least_squares(keras.Model(student.inputs, layer.input), target, x, batch_size, current[0],
+            w, b = _least_squares(keras.Model(student.input, layer.input), target, x, batch_size, current[0],
                                   current[1] if len(current) > 1 else None)
             layer.set_weights([w.reshape(current[0].shape).astype(np.float32)]
                               + ([] if b is None else [b.astype(np.float32)]))
@@ -314,7 +314,7 @@ def _set_batchnorm(student, name: str, x: np.ndarray, batch_size: int, target=No
     import keras
 
     bn = inserted_batchnorm(student, name)
-    mean, var = _moments(keras.Model(student.inputs, bn.input), x, batch_size)
+    mean, var = _moments(keras.Model(student.input, bn.input), x, batch_size)
     gamma, beta = bn.gamma.numpy(), bn.beta.numpy()
     if target is not None:
         t_mean, t_var = _moments(target, x, batch_size)
@@ -414,7 +414,7 @@ def finetune(model, data, output=None, *, epochs: int = 10, batch_size: int = 32
         student = emit_keras(student_graph, logits=True, batchnorm_after=layers)
         axis = _softmax_axis(student_graph)
         full = student if axis is None else keras.Model(
-            student.inputs, keras.layers.Softmax(axis=axis, name="softmax_output")(student.outputs[0]),
+            student.input, keras.layers.Softmax(axis=axis, name="softmax_output")(student.outputs[0]),
             name=student.name)
         stat_x = pre(_centre(train[np.linspace(0, len(train) - 1, min(STAT_IMAGES, len(train))).astype(int)], crop))
         _initialise(student, teacher, student_graph, stat_x, batch_size, init)

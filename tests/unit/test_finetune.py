@@ -257,3 +257,16 @@ def test_cli_finetune_writes_the_model_and_reports_errors_in_one_line(model_path
                                     "--preprocess", "inception"])
     assert res.exit_code == 1 and "Error:" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "x.keras").exists()
+
+
+def test_finetune_and_its_saved_model_raise_no_keras_input_structure_warning(model_path, image_dir, tmp_path):
+    import warnings
+
+    out = tmp_path / "student.keras"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        finetune(model_path, image_dir, out, epochs=1, batch_size=8, init="refit", holdout=4,
+                 preprocess="inception", progress=False)
+        keras.saving.load_model(out)(np.zeros((2, HW, HW, 3), np.float32))
+    noise = [str(w.message) for w in caught if "expected structure" in str(w.message)]
+    assert not noise, noise
