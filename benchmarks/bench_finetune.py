@@ -3,8 +3,8 @@
 For each model: the student (``recipes.qualcomm(quantize=False)`` of it, see :mod:`qfrewrite.finetune`) is distilled
 from the model itself on the even positions of the class-sorted ../shared image folder (no labels used); after
 every epoch its float top-1 is measured on the odd positions (disjoint, labelled), with the training minutes. At
-the end the fine-tuned model goes back through ``rewrite`` and is quantized per tensor with ``plain`` and ``dfq``
-(calibrated on the training images), beside ``plain`` and ``dfq`` on the original model; all int8 models are scored
+the end the fine-tuned model (the epoch of lowest held-back loss, ``keep="best"``) goes back through ``rewrite`` and
+is quantized per tensor with ``plain`` and ``dfq`` (calibrated on the training images), beside ``plain`` and ``dfq`` on the original model; all int8 models are scored
 in LiteRT on the evaluation images.
 
     python benchmarks/bench_finetune.py                                   # Keras MobileNetV1 0.25, 30 minutes
@@ -75,9 +75,9 @@ def run_model(name: str, args, out: Path) -> Dict:
     def on_epoch(record, model):
         top1 = float_top1(model, evals, offset)
         curve.append({**record.to_dict(), "minutes": record.seconds / 60, "float_top1": top1})
-        log.info("%s epoch %d: %.1f min, loss %s, held-back agreement %.1f%%, float top-1 %.1f%%", name,
-                 record.epoch, record.seconds / 60, "-" if record.loss is None else f"{record.loss:.4f}",
-                 100 * record.agreement, top1)
+        log.info("%s epoch %d: %.1f min, loss %s, held-back loss %.4f, agreement %.1f%%, float top-1 %.1f%%",
+                 name, record.epoch, record.seconds / 60, "-" if record.loss is None else f"{record.loss:.4f}",
+                 record.held_loss, 100 * record.agreement, top1)
 
     with tempfile.TemporaryDirectory() as tmp:
         train_dir = Path(tmp) / "train"
@@ -93,7 +93,8 @@ def run_model(name: str, args, out: Path) -> Dict:
         row["wall_minutes"] = (time.perf_counter() - t0) / 60
     row["curve"] = curve
     row["settings"] = res.settings
-    row["float_finetuned"] = curve[-1]["float_top1"]
+    row["kept_epoch"] = res.kept_epoch  # the saved model: the epoch of lowest held-back loss (finetune keep="best")
+    row["float_finetuned"] = next(c["float_top1"] for c in curve if c["epoch"] == res.kept_epoch)
     for recipe in ("plain", "dfq"):
         row[f"int8_{recipe}_finetuned"] = int8_top1(saved, calib, evals, offset, recipe)
         row[f"int8_{recipe}_original"] = int8_top1(graph, calib, evals, offset, recipe)
@@ -106,12 +107,13 @@ def print_tables(rows: List[Dict]) -> None:
               f"evaluation images, loss {row['loss']}, init {row['init']}, lr {row['lr']}, "
               f"mixup {row.get('mixup', 0)})\n")
         print(f"original float top-1: {row['float_original']:.1f}%\n")
-        print("| epoch | minutes | loss | held-back agreement % | float top-1 % |")
-        print("| --- | --- | --- | --- | --- |")
+        print("| epoch | minutes | loss | held-back loss | held-back agreement % | float top-1 % |")
+        print("| --- | --- | --- | --- | --- | --- |")
         for c in row["curve"]:
             loss = "-" if c["loss"] is None else f"{c['loss']:.4f}"
-            print(f"| {c['epoch']} | {c['minutes']:.1f} | {loss} | {100 * c['agreement']:.1f} | "
-                  f"{c['float_top1']:.1f} |")
+            kept = " (kept)" if c["epoch"] == row.get("kept_epoch") else ""
+            print(f"| {c['epoch']}{kept} | {c['minutes']:.1f} | {loss} | {c['held_loss']:.4f} | "
+                  f"{100 * c['agreement']:.1f} | {c['float_top1']:.1f} |")
         print("\n| model | float | int8 plain (per-tensor) | int8 dfq (per-tensor) |")
         print("| --- | --- | --- | --- |")
         print(f"| original | {row['float_original']:.1f} | {row['int8_plain_original']:.1f} | "

@@ -412,7 +412,11 @@ def eval_(model, data, preprocess, reference, limit, label_offset, outputs, json
                    "match: the student's BatchNorms give each pointwise layer the teacher's per-channel mean and "
                    "std; identity: they only normalise.")
 @click.option("--holdout", type=click.IntRange(1), default=None,
-              help="Images held back to measure top-1 agreement with the teacher (default: 10%, at most 100).")
+              help="Images held back to measure the loss and top-1 agreement with the teacher (default: 10%, at "
+                   "most 100).")
+@click.option("--keep", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="best: end with the epoch (the initialised student included) whose held-back loss is lowest; "
+                   "last: with the last epoch.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1), help="Images per step.")
 @click.option("--preprocess", default=None, metavar="P",
               help="Image preprocessing: inception, torch, tf-slim, efficientnet-lite, raw, or MEAN/STD in 0..255 "
@@ -421,19 +425,20 @@ def eval_(model, data, preprocess, reference, limit, label_offset, outputs, json
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the crops, flips and image order.")
 @input_shape_option
 @reports_errors
-def finetune(model, data, output, epochs, minutes, lr, loss, temperature, mixup, init, holdout, batch_size,
+def finetune(model, data, output, epochs, minutes, lr, loss, temperature, mixup, init, holdout, keep, batch_size,
              preprocess, limit, seed, input_shape) -> None:
     """Distil MODEL into its Qualcomm architecture (depthwise convs without BN and ReLU6, ReLU in the pointwise
     convs) on the unlabelled images of --data, and write the fine-tuned float Keras model to OUT.
 
     The teacher is MODEL as given; the student gets BatchNorms after its pointwise convs, initialised from the
-    teacher's statistics, and is trained on random crops and flips. A progress bar shows the loss and the top-1
-    agreement with the teacher on held-back images. OUT goes back through 'qfrewrite convert' like any Keras model.
+    teacher's statistics, and is trained on random crops and flips. A progress bar shows the loss, and the loss and
+    top-1 agreement with the teacher on held-back images; OUT holds the epoch with the lowest held-back loss
+    (--keep best). OUT goes back through 'qfrewrite convert' like any Keras model.
     """
     from .finetune import finetune as run_finetune
 
     result = run_finetune(model, data, output, epochs=epochs, batch_size=batch_size, lr=lr, loss=loss,
-                          temperature=temperature, mixup=mixup, holdout=holdout, init=init,
+                          temperature=temperature, mixup=mixup, holdout=holdout, init=init, keep=keep,
                           preprocess=parse_preprocess(preprocess), limit=limit, input_shape=input_shape, seed=seed,
                           max_minutes=minutes)
     click.echo(str(result))

@@ -270,3 +270,21 @@ def test_finetune_and_its_saved_model_raise_no_keras_input_structure_warning(mod
         keras.saving.load_model(out)(np.zeros((2, HW, HW, 3), np.float32))
     noise = [str(w.message) for w in caught if "expected structure" in str(w.message)]
     assert not noise, noise
+
+
+def test_keep_best_ends_with_the_epoch_of_lowest_held_back_loss(model_path, image_dir):
+    x = np.random.default_rng(5).uniform(-1, 1, (4, HW, HW, 3)).astype(np.float32)
+    opts = dict(batch_size=4, init="match", holdout=6, preprocess="inception", progress=False)
+    start = finetune(model_path, image_dir, epochs=0, **opts)
+    # a learning rate far too high: the epochs move away from the teacher, the initialised student stays best
+    best = finetune(model_path, image_dir, epochs=2, lr=0.5, keep="best", **opts)
+    last = finetune(model_path, image_dir, epochs=2, lr=0.5, keep="last", **opts)
+    held = [r.held_loss for r in best.history]
+    assert all(h is not None for h in held) and best.history[0].held_loss == pytest.approx(start.history[0].held_loss)
+    assert min(held[1:]) > held[0], held  # the premise: training made it worse
+    assert best.kept_epoch == 0 and best.kept is best.history[0] and best.agreement == best.history[0].agreement
+    np.testing.assert_allclose(np.asarray(best.model(x)), np.asarray(start.model(x)), rtol=0, atol=1e-6)
+    assert last.kept_epoch == 2 and "kept epoch 0" in str(best) and "kept epoch" not in str(last)
+    assert np.abs(np.asarray(last.model(x)) - np.asarray(start.model(x))).max() > 1e-3
+    with pytest.raises(QfrewriteError, match="keep"):
+        finetune(model_path, image_dir, keep="first", progress=False)
