@@ -13,7 +13,8 @@ the first ``--held`` odd positions.
     python benchmarks/probe_finetune.py --lr 1e-4 --mixup 1 --train 500 --held 200 --epochs 6
 
 ``--bn frozen`` trains with the BatchNorms in inference mode (their statistics fixed at the initialisation);
-``--freeze-dw`` keeps the depthwise kernels fixed; ``--warmup E`` warms the learning rate up linearly over E epochs;
+``--freeze-dw`` keeps the depthwise kernels fixed; ``--only batchnorm`` trains only the inserted BatchNorms' gamma
+and beta (a few thousand values, against overfitting a few hundred images); ``--warmup E`` warms the learning rate up linearly over E epochs;
 ``--feat W`` adds W times the mean over the normalised layers of ``mean((relu(s) - clip(t, 0, 6))^2) /
 mean(clip(t, 0, 6)^2)`` (student / teacher pre-activations). ``--cache FILE`` keeps the initialised weights.
 """
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--bn", choices=["train", "frozen"], default="train")
     ap.add_argument("--freeze-dw", action="store_true")
+    ap.add_argument("--only", choices=["all", "batchnorm"], default="all",
+                    help="batchnorm: train only the inserted BatchNorms' gamma and beta")
     ap.add_argument("--warmup", type=int, default=0)
     ap.add_argument("--mixup", type=float, default=0.0)
     ap.add_argument("--feat", type=float, default=0.0)
@@ -93,6 +96,9 @@ def main(argv=None) -> int:
         frozen = {id(v) for ly in student.layers if isinstance(ly, keras.layers.DepthwiseConv2D)
                   for v in ly.trainable_variables}
         weights = [w for w in weights if id(w) not in frozen]
+    if args.only == "batchnorm":
+        weights = [v for n in layers for v in F.inserted_batchnorm(student, n).trainable_variables]
+    print(f"training {len(weights)} variables, {sum(int(np.prod(v.shape)) for v in weights)} values", flush=True)
     steps = -(-len(train) // bs)
     if args.warmup:
         schedule = keras.optimizers.schedules.CosineDecay(0.0, (args.epochs - args.warmup) * steps,
