@@ -4,9 +4,12 @@
 * a histogram of ``bins`` equal bins over a range that always holds 0 and every value seen, with the number of exact
   zeros among its values. To bound the cost the histogram takes about ``hist_values`` values of a tensor per image
   (``hist_values // C`` positions, evenly strided; 16384 by default: every position of a 7x7 or 14x14 map of up to
-  80 channels, every 49th of a 112x112x64 one); over hundreds of images that is still millions of values per
-  tensor, and on the ../shared models it chose the same ranges' top-1 as histogramming everything (V2, TF-slim V1,
-  EfficientNet-Lite0). ``hist_values=None`` histograms everything.
+  80 channels, every 49th of a 112x112x64 one), and at most ``hist_total`` values per tensor over the whole pass
+  (2**21 by default: 4660 per image at 450 images): when the number of images is known, each image gives
+  ``min(hist_values, hist_total // images)``. Millions of values per tensor fill the 2048 bins densely; on the
+  ../shared models 16384 values per image chose the same ranges' top-1 as histogramming everything (V2, TF-slim V1,
+  EfficientNet-Lite0), and the total bound halves the histograms' share of a 450-image pass (Keras MobileNetV1 0.25:
+  the pass 2.5-2.7 s at 16384 per image, 1.7-1.8 s at 4096). ``hist_values=None`` histograms everything.
 
 **Histogram design: one pass, fixed bin count, exact re-binning when the range grows.** The first chunk sets the
 range ``[min(x, 0), max(x, 0)]``. When a later chunk falls outside, the range grows exactly
@@ -48,6 +51,8 @@ log = logging.getLogger(__name__)
 DEFAULT_BINS = 2048
 #: values of each tensor histogrammed per image (``hist_values // C`` positions, evenly strided)
 DEFAULT_HIST_VALUES = 2 ** 14
+#: values of each tensor histogrammed over the whole pass, at most (when the number of images is known)
+DEFAULT_HIST_TOTAL = 2 ** 21
 #: tapped activations held per executor call
 DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
 
@@ -248,6 +253,7 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
             chunk: Optional[int] = None, bins: int = DEFAULT_BINS, progress: Optional[bool] = None,
             total: Optional[int] = None, hist_rows: Optional[int] = None,
             hist_values: Optional[int] = DEFAULT_HIST_VALUES, maps: Sequence[str] = (),
+            hist_total: Optional[int] = DEFAULT_HIST_TOTAL,
             hist_names: Optional[Sequence[str]] = None, channel_hist_names: Sequence[str] = (),
             channel_bins: int = CHANNEL_BINS) -> Dict[str, TensorStats]:
     """Run the float graph over ``batches`` (NHWC) once, ``chunk`` images at a time, and observe ``names`` (and keep
@@ -260,8 +266,9 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
     (:class:`~qfrewrite.backend.executor.ReducingExecutor`), so no whole activation leaves TensorFlow.
     ``chunk=None`` sizes the chunks so that one call's values take about 256 MB (:func:`chunk_size`).
     The histogram of a tensor with ``C`` channels takes ``hist_rows`` positions per image, evenly strided, or when
-    that is ``None`` ``max(1, hist_values // C)`` (``hist_values=None``: every position); min/max/mean always use
-    every value.
+    that is ``None`` ``max(1, v // C)`` with ``v = hist_values``, or ``min(hist_values, hist_total // total)``
+    when ``total`` (the number of images) and ``hist_total`` are given (``hist_values=None``: every position);
+    min/max/mean always use every value.
     """
     from tqdm.auto import tqdm
 
@@ -276,6 +283,9 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
     chunk = int(chunk) if chunk else chunk_size(graph, names)
 
     histogrammed = None if hist_names is None else frozenset(hist_names)
+    per_image = hist_values
+    if hist_values is not None and hist_total is not None and total:
+        per_image = max(1, min(int(hist_values), int(hist_total) // int(total)))
 
     def rows(name: str) -> int:
         if histogrammed is not None and name not in histogrammed:
@@ -283,7 +293,7 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
         if hist_rows is not None:
             return int(hist_rows)
         c = graph.value(name).shape[-1]
-        return -1 if hist_values is None or c is None else max(1, int(hist_values) // int(c))
+        return -1 if per_image is None or c is None else max(1, int(per_image) // int(c))
 
     ex = ReducingExecutor(graph, {n: Reduction(min=True, max=True, sample_rows=rows(n), sample_zeros=rows(n) != 0,
                                                batch_sum=n in maps) for n in names})

@@ -110,3 +110,22 @@ def test_reduced_sample_is_the_strided_positions():
     data = np.random.default_rng(1).standard_normal((2, 5, 7, 3)).astype(np.float32)
     out = ReducingExecutor(g, {"x": Reduction(min=True, sample_rows=4)})(data)["x"]
     np.testing.assert_array_equal(out["sample"], data.reshape(2, 35, 3)[:, ::9, :])
+
+
+def test_hist_total_bounds_the_values_histogrammed_over_the_whole_pass():
+    """Each image gives ``min(hist_values, hist_total // images)`` values (``// C`` positions); min/max stay exact."""
+    from qfrewrite.ir import Graph
+
+    g = Graph("id")
+    x = g.add_input("x", (None, 8, 8, 4))
+    g.outputs.append(x)
+    data = np.random.default_rng(2).standard_normal((10, 8, 8, 4)).astype(np.float32)
+    batches = [data[:6], data[6:]]
+    free = observe(g, batches, ["x"], hist_values=64, hist_total=None, total=10)["x"]
+    bound = observe(g, batches, ["x"], hist_values=64, hist_total=200, total=10)["x"]
+    unknown = observe(g, batches, ["x"], hist_values=64, hist_total=200)["x"]  # no total: per image only
+    assert free.hist.sum() == 10 * 64 and unknown.hist.sum() == 10 * 64
+    assert bound.hist.sum() == 10 * (200 // 10 // 4) * 4  # 20 values an image: 5 positions of 4 channels
+    for s in (bound, unknown):
+        np.testing.assert_array_equal(s.channel_min, data.min(axis=(0, 1, 2)))
+        np.testing.assert_array_equal(s.channel_max, data.max(axis=(0, 1, 2)))
