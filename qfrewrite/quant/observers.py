@@ -8,7 +8,7 @@
   (2**21 by default: 4660 per image at 450 images): when the number of images is known, each image gives
   ``min(hist_values, hist_total // images)``. Millions of values per tensor fill the 2048 bins densely; on the
   ../shared models 16384 values per image chose the same ranges' top-1 as histogramming everything (V2, TF-slim V1,
-  EfficientNet-Lite0), and the total bound cuts a third of a 450-image pass (Keras MobileNetV1 0.25 with
+  EfficientNet-Lite0), and the total bound cuts a quarter of a 450-image pass (Keras MobileNetV1 0.25 with
   per-channel histograms: 3.0-3.3 s unbounded, 2.2-2.4 s bounded). ``hist_values=None`` histograms everything.
 
 **Histogram design: one pass, fixed bin count, exact re-binning when the range grows.** The first chunk sets the
