@@ -4,8 +4,8 @@ For each model: the student (``recipes.qualcomm(quantize=False)`` of it, see :mo
 from the model itself on the even positions of the class-sorted ../shared image folder (no labels used); after
 every epoch its float top-1 is measured on the odd positions (disjoint, labelled), with the training minutes. At
 the end the fine-tuned model (the epoch of lowest held-back loss, ``keep="best"``) goes back through ``rewrite`` and
-is quantized per tensor with ``plain`` and ``dfq`` (calibrated on the training images), beside ``plain`` and ``dfq`` on the original model; all int8 models are scored
-in LiteRT on the evaluation images.
+is quantized per tensor with ``plain`` and ``dfq`` (calibrated on the training images), beside ``plain`` and
+``dfq`` on the original model; all int8 models are scored in LiteRT on the evaluation images.
 
     python benchmarks/bench_finetune.py                                   # Keras MobileNetV1 0.25, 30 minutes
     python benchmarks/bench_finetune.py --minutes 5 --train 200 --eval 200

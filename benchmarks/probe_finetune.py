@@ -14,7 +14,8 @@ the first ``--held`` odd positions.
 
 ``--bn frozen`` trains with the BatchNorms in inference mode (their statistics fixed at the initialisation);
 ``--freeze-dw`` keeps the depthwise kernels fixed; ``--only batchnorm`` trains only the inserted BatchNorms' gamma
-and beta (a few thousand values, against overfitting a few hundred images); ``--warmup E`` warms the learning rate up linearly over E epochs;
+and beta (a few thousand values, against overfitting a few hundred images); ``--warmup E`` warms the learning rate
+up linearly over E epochs;
 ``--feat W`` adds W times the mean over the normalised layers of ``mean((relu(s) - clip(t, 0, 6))^2) /
 mean(clip(t, 0, 6)^2)`` (student / teacher pre-activations). ``--cache FILE`` keeps the initialised weights.
 """

@@ -37,14 +37,14 @@ pointwise conv of Keras MobileNetV1 0.25), the softmax saturates and the gradien
 
 Each epoch reports the mean training loss, the distillation loss on the held-back images (kept out of training)
 and their top-1 agreement with the teacher, on a tqdm bar. ``keep="best"`` (the default) ends with the weights of
-the epoch whose held-back loss is lowest, the initialised student (epoch 0) included, so training never leaves a
-student further from the teacher on unseen images than it started; ``keep="last"`` ends with the last epoch's.
+the epoch whose held-back loss is lowest, the initialised student (epoch 0) included, so training never hands back
+a student with a higher held-back loss than the one it started from; ``keep="last"`` ends with the last epoch's.
 The held-back loss, not the agreement, chooses: it is continuous, where the agreement on a few dozen images moves in
 steps of one image (measured on torchvision MobileNetV2, 450 training images: the refit initialisation agreed with
-the teacher on 50% of the held-back images and the first two epochs on 38% and 44%). The saved model is the student with the source's own output (its Softmax put back when
-it had one): a standard Keras model (``.keras`` or ``.h5``, written atomically) that ``rewrite`` / ``convert`` read
-like any other; ``rewrite(saved, recipes.plain())`` (or ``qualcomm()``) folds its BatchNorms, and that folded graph
-is what gets quantized.
+the teacher on 50% of the held-back images and the first two epochs on 38% and 44%). The saved model is the
+student with the source's own output (its Softmax put back when it had one): a standard Keras model (``.keras``
+or ``.h5``, written atomically) that ``rewrite`` / ``convert`` read like any other; ``rewrite(saved,
+recipes.plain())`` (or ``qualcomm()``) folds its BatchNorms, and that folded graph is what gets quantized.
 
 Refused with a typed error: a model with more than one input or output, an input without a fixed height and width
 (``input_shape=``), a graph in which ``recipes.qualcomm()`` finds no depthwise block to rewrite (not a MobileNet-style
@@ -389,7 +389,8 @@ def finetune(model, data, output=None, *, epochs: int = 10, batch_size: int = 32
 
     ``holdout``: images kept out of training to measure the held-back loss and top-1 agreement with the teacher
     (default a tenth, at most 100); ``init``: ``"refit"``, ``"match"`` or ``"identity"``; ``keep``: ``"best"``
-    (the epoch with the lowest held-back loss, epoch 0 included) or ``"last"``; ``loss``: ``"kl"`` (``temperature``) or ``"mse"``; ``mixup``:
+    (the epoch with the lowest held-back loss, epoch 0 included) or ``"last"``; ``loss``: ``"kl"``
+    (``temperature``) or ``"mse"``; ``mixup``:
     the Beta parameter of :func:`mix` (0: no mixup);
     ``max_minutes``: the training time budget (wall clock from the first step, the per-epoch re-estimation,
     agreement and ``on_epoch`` included): the learning rate anneals to 0 by then and training stops at the first
