@@ -24,11 +24,11 @@ import numpy as np
 
 from ..ir import WEIGHTED_OPS, Graph, Node, Op, copies_channel_values
 from ..pass_infra import Context
-from ..quant.observers import ActivationStats, TensorStats, activation_names, observe
+from ..quant.observers import ActivationStats, Observation, TensorStats, activation_names
 from ..quant.points import FUSING_OPS, feeds_fused_activation, quantization_points
 from .moments import ChannelMoments, Moments
 
-__all__ = ["calibration_statistics", "serve", "map_names", "observed_names"]
+__all__ = ["calibration_statistics", "CalibrationPass", "serve", "map_names", "observed_names"]
 
 
 def map_names(graph: Graph) -> List[str]:
@@ -52,22 +52,47 @@ def calibration_statistics(graph: Graph, data, channel_histograms: bool = True) 
     A value that is not histogrammed and whose producer copies its input's channel values
     (:func:`~qfrewrite.ir.copies_channel_values`: a constant Pad, a channel-keeping reshape) is not observed: its
     per-channel extremes and mean map follow exactly from its input's (:func:`_follow`). On MobileNets these are the
-    padded inputs of the strided depthwise convs, a quarter to a third of the values a pass would otherwise read."""
-    points = quantization_points(graph)
-    observed, maps = observed_names(graph), map_names(graph)
-    derived = _derived_values(graph, observed, set(points))
-    # a derived value's mean map comes from its source's: keep the map of every source in a chain that needs one
-    needed = set(maps)
-    for name in reversed(list(derived)):
-        if name in needed:
-            needed.add(derived[name].inputs[0].name)
-    direct = [n for n in observed if n not in derived]
-    stats = observe(graph, data.batches(), direct, total=len(data), maps=[n for n in direct if n in needed],
-                    hist_names=points, channel_hist_names=points if channel_histograms else ())
-    images = len(data)
-    for name, node in derived.items():
-        stats[name] = _follow(node, stats[node.inputs[0].name], images, keep_map=name in needed)
-    return {n: stats[n] for n in observed}
+    padded inputs of the strided depthwise convs, a quarter to a third of the values a pass would otherwise read.
+    A :class:`CalibrationPass` fed ``data`` once."""
+    return CalibrationPass(graph, len(data), channel_histograms).feed(data).statistics()
+
+
+class CalibrationPass:
+    """:func:`calibration_statistics` in feeds: :meth:`feed` observes more calibration images, :meth:`statistics`
+    gives those of every image fed so far (exactly :func:`calibration_statistics` on them, up to the order in which
+    a histogram's range grew). ``total``: the number of images of all the feeds together (it sets each image's
+    share of the histograms, :func:`~qfrewrite.quant.observers.observe`)."""
+
+    def __init__(self, graph: Graph, total: int, channel_histograms: bool = True):
+        points = quantization_points(graph)
+        self._observed, maps = observed_names(graph), map_names(graph)
+        self._derived = _derived_values(graph, self._observed, set(points))
+        # a derived value's mean map comes from its source's: keep the map of every source in a chain that needs one
+        self._needed = needed = set(maps)
+        for name in reversed(list(self._derived)):
+            if name in needed:
+                needed.add(self._derived[name].inputs[0].name)
+        direct = [n for n in self._observed if n not in self._derived]
+        self._observation = Observation(graph, direct, total=total, maps=[n for n in direct if n in needed],
+                                        hist_names=points, channel_hist_names=points if channel_histograms else ())
+
+    @property
+    def images(self) -> int:
+        """The number of images fed so far."""
+        return self._observation.images
+
+    def feed(self, data) -> "CalibrationPass":
+        """Observe the images of ``data`` (an :class:`~qfrewrite.data.ImageSet` or anything with ``batches()`` and
+        a length)."""
+        self._observation.feed(data.batches(), count=len(data))
+        return self
+
+    def statistics(self) -> Dict[str, TensorStats]:
+        """The statistics of every observed value over the images fed so far."""
+        stats = self._observation.results()
+        for name, node in self._derived.items():
+            stats[name] = _follow(node, stats[node.inputs[0].name], self.images, keep_map=name in self._needed)
+        return {n: stats[n] for n in self._observed}
 
 
 def _derived_values(graph: Graph, observed: Sequence[str], histogrammed) -> Dict[str, Node]:

@@ -110,6 +110,10 @@ class ChannelHistograms:
         if self._pending_size >= self.channels * self.bins:
             self._flush()
 
+    def copy(self) -> "ChannelHistograms":
+        """An independent copy (every value added so far counted)."""
+        return self.rescaled(np.ones(self.channels))
+
     def rescaled(self, factor: np.ndarray) -> "ChannelHistograms":
         """The histograms of the value with channel ``c`` multiplied by ``factor[c] > 0`` (edges scaled: exact)."""
         f = np.broadcast_to(np.asarray(factor, np.float64), (self.channels,))

@@ -44,7 +44,7 @@ from .histogram_grid import bin_indices, regrown
 
 __all__ = ["TensorStats", "StreamingHistogram", "TensorObserver", "ActivationStats", "activation_stats",
            "cached_activation_stats",
-           "observe", "activation_names", "chunk_size"]
+           "observe", "Observation", "activation_names", "chunk_size"]
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,7 @@ class TensorObserver:
         self.cmin = self.cmax = None
         self.map_sum: Optional[np.ndarray] = None
         self.images = 0
+        self._handed_out = False  # the channel histograms belong to a result: copy them before the next update
 
     def update_map(self, batch_sum: np.ndarray, images: int) -> None:
         """Add the sum over ``images`` images of each position (for the mean map)."""
@@ -216,9 +217,13 @@ class TensorObserver:
             if self.channel_bins:
                 if self.channel_hist is None:
                     self.channel_hist = ChannelHistograms(sample.shape[-1], self.channel_bins)
+                elif self._handed_out:
+                    self.channel_hist = self.channel_hist.copy()
+                self._handed_out = False
                 self.channel_hist.update(sample, cmin, cmax, sample_zeros)
 
     def result(self) -> TensorStats:
+        """The statistics so far; a later update leaves them as they are."""
         if self.cmin is None:
             raise ValueError(f"observer of {self.name} saw no data")
         return TensorStats(self.name, self.count, float(self.cmin.min()), float(self.cmax.max()),
@@ -226,7 +231,11 @@ class TensorObserver:
                            self.hist.counts.copy() if self.hist_count else None, float(self.hist.lo),
                            float(self.hist.hi),
                            None if self.map_sum is None else self.map_sum / self.images,
-                           self.channel_hist if self.hist_count else None)
+                           self._hand_out_channel_hist() if self.hist_count else None)
+
+    def _hand_out_channel_hist(self) -> Optional[ChannelHistograms]:
+        self._handed_out = self.channel_hist is not None
+        return self.channel_hist
 
 
 def activation_names(graph: Graph) -> List[str]:
@@ -268,62 +277,98 @@ def observe(graph: Graph, batches: Iterable[np.ndarray], names: Optional[Sequenc
     The histogram of a tensor with ``C`` channels takes ``hist_rows`` positions per image, evenly strided, or when
     that is ``None`` ``max(1, v // C)`` with ``v = hist_values``, or ``min(hist_values, hist_total // total)``
     when ``total`` (the number of images) and ``hist_total`` are given (``hist_values=None``: every position);
-    min/max/mean always use every value.
+    min/max/mean always use every value. One :class:`Observation` fed once.
     """
-    from tqdm.auto import tqdm
+    obs = Observation(graph, names, chunk=chunk, bins=bins, total=total, hist_rows=hist_rows,
+                      hist_values=hist_values, maps=maps, hist_total=hist_total, hist_names=hist_names,
+                      channel_hist_names=channel_hist_names, channel_bins=channel_bins)
+    obs.feed(batches, progress=progress, count=total)
+    return obs.results()
 
-    from ..backend.executor import ReducingExecutor, Reduction
 
-    if len(graph.inputs) != 1:
-        raise DataError(f"the observers run single-input graphs; {graph.name!r} has {len(graph.inputs)} inputs")
-    names = list(dict.fromkeys(list(names if names is not None else activation_names(graph)) + list(maps)))
-    maps = frozenset(maps)
-    for n in names:
-        graph.value(n)  # GraphError on an unknown name
-    chunk = int(chunk) if chunk else chunk_size(graph, names)
+class Observation:
+    """The observers of :func:`observe` (same options) kept between feeds: :meth:`feed` runs more data through the
+    graph into the same observers, :meth:`results` gives the statistics of everything fed so far, as often as
+    asked (a result is never changed by a later feed). Feeding ``a`` then ``b`` gives the statistics of one pass
+    over ``a`` followed by ``b``; ``total`` is the number of images of all the feeds together (what the
+    histogram's per-image share of ``hist_total`` is computed from), so that the result is that of one pass over
+    them all. What lets a pipeline score candidates calibrated on part of the data and then recalibrate the one it
+    keeps on all of it, paying only for the rest (:class:`~qfrewrite.passes.SelectBest`)."""
 
-    histogrammed = None if hist_names is None else frozenset(hist_names)
-    per_image = hist_values
-    if hist_values is not None and hist_total is not None and total:
-        per_image = max(1, min(int(hist_values), int(hist_total) // int(total)))
+    def __init__(self, graph: Graph, names: Optional[Sequence[str]] = None, chunk: Optional[int] = None,
+                 bins: int = DEFAULT_BINS, total: Optional[int] = None, hist_rows: Optional[int] = None,
+                 hist_values: Optional[int] = DEFAULT_HIST_VALUES, maps: Sequence[str] = (),
+                 hist_total: Optional[int] = DEFAULT_HIST_TOTAL, hist_names: Optional[Sequence[str]] = None,
+                 channel_hist_names: Sequence[str] = (), channel_bins: int = CHANNEL_BINS):
+        from ..backend.executor import ReducingExecutor, Reduction
 
-    def rows(name: str) -> int:
-        if histogrammed is not None and name not in histogrammed:
-            return 0
-        if hist_rows is not None:
-            return int(hist_rows)
-        c = graph.value(name).shape[-1]
-        return -1 if per_image is None or c is None else max(1, int(per_image) // int(c))
+        if len(graph.inputs) != 1:
+            raise DataError(f"the observers run single-input graphs; {graph.name!r} has {len(graph.inputs)} inputs")
+        names = list(dict.fromkeys(list(names if names is not None else activation_names(graph)) + list(maps)))
+        maps = frozenset(maps)
+        for n in names:
+            graph.value(n)  # GraphError on an unknown name
+        self.chunk = int(chunk) if chunk else chunk_size(graph, names)
 
-    ex = ReducingExecutor(graph, {n: Reduction(min=True, max=True, sample_rows=rows(n), sample_zeros=rows(n) != 0,
-                                               batch_sum=n in maps) for n in names})
-    per_channel = frozenset(channel_hist_names)
-    observers = {n: TensorObserver(n, bins, channel_bins=channel_bins if n in per_channel else 0) for n in names}
-    disable = None if progress is None else not progress
-    def absorb(reduced: Dict[str, Dict[str, np.ndarray]], images: int) -> None:
+        histogrammed = None if hist_names is None else frozenset(hist_names)
+        per_image = hist_values
+        if hist_values is not None and hist_total is not None and total:
+            per_image = max(1, min(int(hist_values), int(hist_total) // int(total)))
+
+        def rows(name: str) -> int:
+            if histogrammed is not None and name not in histogrammed:
+                return 0
+            if hist_rows is not None:
+                return int(hist_rows)
+            c = graph.value(name).shape[-1]
+            return -1 if per_image is None or c is None else max(1, int(per_image) // int(c))
+
+        self._executor = ReducingExecutor(graph, {n: Reduction(min=True, max=True, sample_rows=rows(n),
+                                                               sample_zeros=rows(n) != 0, batch_sum=n in maps)
+                                                  for n in names})
+        per_channel = frozenset(channel_hist_names)
+        self._observers = {n: TensorObserver(n, bins, channel_bins=channel_bins if n in per_channel else 0)
+                           for n in names}
+        self.images = 0
+
+    def _absorb(self, reduced: Dict[str, Dict[str, np.ndarray]], images: int) -> None:
         for n, r in reduced.items():
-            observers[n].update_reduced(r["min"], r["max"], r["count"], r.get("sample"), r.get("sample_zeros"))
+            observer = self._observers[n]
+            observer.update_reduced(r["min"], r["max"], r["count"], r.get("sample"), r.get("sample_zeros"))
             if "batch_sum" in r:
-                observers[n].update_map(r["batch_sum"], images)
+                observer.update_map(r["batch_sum"], images)
 
-    # the observers take in chunk k on a worker thread while TensorFlow runs chunk k + 1 (numpy and TensorFlow both
-    # release the GIL); one worker, so the chunks are taken in order and the statistics are those of a serial loop
-    with tqdm(total=total, desc="calibrating", unit="img", disable=disable, leave=False) as bar, \
-            ThreadPoolExecutor(max_workers=1) as worker:
-        pending = None
-        for batch in batches:
-            for s in range(0, len(batch), chunk):
-                x = batch[s:s + chunk]
-                if len(x) == 0:
-                    continue
-                reduced = ex(x)
-                if pending is not None:
-                    pending.result()
-                pending = worker.submit(absorb, reduced, len(x))
-                bar.update(len(x))
-        if pending is not None:
-            pending.result()
-    return {n: o.result() for n, o in observers.items()}
+    def feed(self, batches: Iterable[np.ndarray], progress: Optional[bool] = None,
+             count: Optional[int] = None) -> "Observation":
+        """Run ``batches`` (NHWC) through the graph into the observers; ``count``: their number of images, for the
+        progress bar."""
+        from tqdm.auto import tqdm
+
+        disable = None if progress is None else not progress
+        # the observers take in chunk k on a worker thread while TensorFlow runs chunk k + 1 (numpy and TensorFlow
+        # both release the GIL); one worker, so the chunks are taken in order and the statistics are those of a
+        # serial loop
+        with tqdm(total=count, desc="calibrating", unit="img", disable=disable, leave=False) as bar, \
+                ThreadPoolExecutor(max_workers=1) as worker:
+            pending = None
+            for batch in batches:
+                for s in range(0, len(batch), self.chunk):
+                    x = batch[s:s + self.chunk]
+                    if len(x) == 0:
+                        continue
+                    reduced = self._executor(x)
+                    if pending is not None:
+                        pending.result()
+                    pending = worker.submit(self._absorb, reduced, len(x))
+                    self.images += len(x)
+                    bar.update(len(x))
+            if pending is not None:
+                pending.result()
+        return self
+
+    def results(self) -> Dict[str, TensorStats]:
+        """The statistics of every observed value over all the data fed so far."""
+        return {n: o.result() for n, o in self._observers.items()}
 
 
 class ActivationStats(Analysis):

@@ -172,3 +172,36 @@ def test_padded_and_reshaped_values_follow_from_their_inputs(rng):
         assert stats[name].count == truth[name].count
         if truth[name].map_mean is not None:
             np.testing.assert_allclose(stats[name].map_mean, truth[name].map_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_a_calibration_pass_fed_in_two_parts_is_one_pass_over_both():
+    """CalibrationPass fed a then b gives the statistics of one pass over a + b (extremes, counts, mean maps, every
+    histogrammed value), and the statistics it gave after a are not changed by feeding b (the per-channel histograms
+    a result holds stay as they were)."""
+    from qfrewrite.analysis.calibration_pass import CalibrationPass, calibration_statistics
+    from qfrewrite.passes import FoldBatchNorm
+    from tests.quant_graphs import dead_channel_mobilenet
+
+    rng = np.random.default_rng(5)
+    g = FoldBatchNorm().run(dead_channel_mobilenet(rng, pad="VALID"), Context()).graph
+    x = rng.normal(size=(20, 12, 12, 3)).astype(np.float32)
+    a, b = CalibrationSet([x[:14]]), CalibrationSet([x[14:]])
+    parts = CalibrationPass(g, 20)
+    first = parts.feed(a).statistics()
+    before = {n: s.channel_hist.counts.copy() for n, s in first.items() if s.channel_hist is not None}
+    both = parts.feed(b).statistics()
+    assert parts.images == 20 and before
+    once = calibration_statistics(g, CalibrationSet([x]))
+    for name, truth in once.items():
+        got = both[name]
+        np.testing.assert_array_equal(got.channel_min, truth.channel_min)
+        np.testing.assert_array_equal(got.channel_max, truth.channel_max)
+        assert got.count == truth.count and got.zeros == truth.zeros
+        if truth.map_mean is not None:
+            np.testing.assert_allclose(got.map_mean, truth.map_mean, rtol=1e-6, atol=1e-7)
+        if truth.hist is not None:
+            assert got.hist.sum() == truth.hist.sum()
+            assert got.channel_hist.counts.sum() == truth.channel_hist.counts.sum()
+    for name, counts in before.items():
+        np.testing.assert_array_equal(first[name].channel_hist.counts, counts)
+        assert both[name].channel_hist.counts.sum() > counts.sum()

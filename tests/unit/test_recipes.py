@@ -67,13 +67,13 @@ def test_select_best_keeps_channel_histograms_only_for_a_candidate_that_rescales
     import qfrewrite.passes.select_best as select_best
 
     asked = []
-    real = select_best.calibration_statistics
+    real = select_best.CalibrationPass
 
-    def spy(graph, data, channel_histograms=True):
+    def spy(graph, total, channel_histograms=True):
         asked.append(channel_histograms)
-        return real(graph, data, channel_histograms=channel_histograms)
+        return real(graph, total, channel_histograms=channel_histograms)
 
-    monkeypatch.setattr(select_best, "calibration_statistics", spy)
+    monkeypatch.setattr(select_best, "CalibrationPass", spy)
     rng = np.random.default_rng(0)
     g = dead_channel_mobilenet(rng)
     x = rng.standard_normal((40, *g.inputs[0].shape[1:])).astype(np.float32)

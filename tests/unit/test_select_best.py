@@ -6,7 +6,7 @@ from qfrewrite.backend.executor import Executor
 from qfrewrite.calibration import as_calibration_set
 from qfrewrite.data import holdout_indices
 from qfrewrite.numerics.metrics import output_drift
-from qfrewrite.pass_infra import Context
+from qfrewrite.pass_infra import Context, PassManager
 from qfrewrite.passes import FoldBatchNorm, InsertFakeQuant, SelectBest
 from tests.quant_graphs import dead_channel_mobilenet
 
@@ -23,6 +23,25 @@ def test_the_kept_score_is_the_returned_graphs_drift_from_the_graph_before(rng):
     kept = res.stats["kept"]
     np.testing.assert_allclose(res.stats["scores"][kept]["sqnr_db"], drift["sqnr_db"], rtol=1e-6)
     assert all(res.stats["scores"][kept]["sqnr_db"] >= s["sqnr_db"] for s in res.stats["scores"].values())
+
+
+def test_the_kept_pipeline_is_calibrated_again_on_all_the_images(rng):
+    """With ``refit=True`` the kept candidate is run again on every calibration image (the held-back ones included):
+    its graph is the one its pipeline alone makes from all of them, not the one that was scored."""
+    g = FoldBatchNorm().run(dead_channel_mobilenet(rng, pad="VALID"), Context()).graph
+    x = rng.normal(size=(40, 12, 12, 3)).astype(np.float32)
+    candidates = {"tensor": [InsertFakeQuant(weights="per_tensor", activations="minmax")],
+                  "channel": [InsertFakeQuant(weights="per_channel", activations="minmax")]}
+    scored = SelectBest(candidates).run(g.copy(), Context(data=as_calibration_set(x, g)))
+    res = SelectBest(candidates, refit=True).run(g.copy(), Context(data=as_calibration_set(x, g)))
+    kept = res.stats["kept"]
+    assert kept == scored.stats["kept"] and res.stats["recalibrated_on"] == 40 and "all 40" in res.stats["why"]
+    alone = PassManager([InsertFakeQuant(weights=kept.replace("channel", "per_channel").replace("tensor", "per_tensor"),
+                                         activations="minmax")]).run(g.copy(), Context(data=as_calibration_set(x, g)))
+    refit_out = Executor(res.graph, quantize=True)(x)[0]
+    np.testing.assert_allclose(refit_out, Executor(alone.graph, quantize=True)(x)[0], rtol=1e-6, atol=1e-6)
+    # the held-back images moved the ranges: the scored graph differs
+    assert not np.allclose(refit_out, Executor(scored.graph, quantize=True)(x)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_candidates_that_change_nothing_leave_the_graph_alone(rng):
