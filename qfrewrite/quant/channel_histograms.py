@@ -7,7 +7,7 @@ that one pooled histogram cannot follow: its bins mix channels scaled by differe
 per channel can: channel ``c`` of the scaled value is channel ``c`` of the original with every bin edge multiplied
 by ``f_c``. :class:`ChannelHistograms` keeps ``bins`` equal bins per channel over the channel's own range, grown
 exactly as :class:`~qfrewrite.quant.observers.StreamingHistogram` grows (old bin ``m`` wholly inside new bin
-``(j + m) // k``, per channel); exact zeros are counted per channel apart from the bins.
+``(m - i) // k``, per channel); exact zeros are counted per channel apart from the bins.
 
 :meth:`ChannelHistograms.rescaled` multiplies the edges (exact). :meth:`ChannelHistograms.pooled` gives the one
 histogram of all channels together on ``bins`` equal bins over ``[min(0, lo), max(0, hi)]`` of the channels'
@@ -69,10 +69,10 @@ class ChannelHistograms:
             self._pending_zeros[:] = 0
 
     def _cover(self, cmin: np.ndarray, cmax: np.ndarray) -> None:
-        """Make each channel's range hold ``[cmin_c, cmax_c]`` (and 0): set it on the first call, else grow the
-        channels that need it by a whole number of bins to the left and the smallest integer widening of the bins
-        that covers the chunk (growing by more, to grow less often, cost MobileNetV2 per-channel 1.8 points of
-        top-1, TFLite, 500 evaluation images)."""
+        """Make each channel's range hold ``[cmin_c, cmax_c]`` (and 0): set it on the first call, else regrow the
+        channels that need it (:func:`~qfrewrite.quant.histogram_grid.regrown`: the smallest integer widening of
+        the bins that holds the chunk and the values counted so far; growing by more, to grow less often, cost
+        MobileNetV2 per-channel 1.8 points of top-1, TFLite, 500 evaluation images)."""
         if self._counts is None:
             lo, hi = np.minimum(cmin, 0.0), np.maximum(cmax, 0.0)
             span = np.where(hi - lo > 0, hi - lo, 1e-6)

@@ -4,9 +4,13 @@
 
 * :func:`bin_indices`: the bin of each value, in float32 (the same arithmetic for a scalar grid and a per-channel
   one broadcast over the last axis), clipped into ``[0, bins)``.
-* :func:`regrown`: exact growth. The range is extended to the left by a whole number ``j`` of current bins and the
-  bin width multiplied by the smallest integer ``k`` that covers the new extremes; old bin ``m`` then lies wholly
-  inside new bin ``(j + m) // k``, so counts merge exactly (no interpolation).
+* :func:`regrown`: exact growth. The new grid starts on an edge ``i`` of the current one (``i < 0``: extended to
+  the left) and its bins are ``k`` current bins wide, the smallest integer ``k`` that holds the new extremes, the
+  values already counted and 0; old bin ``m`` then lies wholly inside new bin ``(m - i) // k``, so counts merge
+  exactly (no interpolation). The grid is fitted to what it holds, not to its old extent: the empty bins at either
+  end are given up. Keeping the old extent doubled the span at every growth to the left (a two-sided tensor whose
+  minimum fell a little in each of a few chunks); on torchvision MobileNetV2 the observed range of some outputs then
+  spread over 6 to 40 of the 2048 bins.
 """
 from __future__ import annotations
 
@@ -31,13 +35,23 @@ def bin_indices(x: np.ndarray, lo, inv_width, bins: int) -> np.ndarray:
 
 def regrown(counts: np.ndarray, lo: float, width: float, vmin: float, vmax: float) -> Tuple[np.ndarray, float, float]:
     """``(counts, lo, width)`` of the histogram ``counts`` on ``lo + width * [0, len(counts)]`` grown exactly (see the
-    module docstring) to hold ``[vmin, vmax]``."""
+    module docstring) to hold ``[vmin, vmax]``, every value already counted and 0."""
     bins = len(counts)
-    j = int(np.ceil((lo - vmin) / width)) if vmin < lo else 0
-    new_lo = lo - j * width
-    top = max(float(vmax), lo + bins * width)
-    k = max(1, int(np.ceil((top - new_lo) / (bins * width) * (1 + 1e-12))))
-    while new_lo + bins * k * width < top:  # float safety
+    occupied = np.flatnonzero(counts)
+    need_lo, need_hi = min(float(vmin), 0.0), max(float(vmax), 0.0)
+    if len(occupied):
+        need_lo = min(need_lo, lo + occupied[0] * width)
+        need_hi = max(need_hi, lo + (occupied[-1] + 1) * width)
+    i = int(np.floor((need_lo - lo) / width))
+    if len(occupied):
+        i = min(i, int(occupied[0]))  # float safety: never past the first counted bin
+    new_lo = lo + i * width
+    k = max(1, int(np.ceil((need_hi - new_lo) / (bins * width) * (1 + 1e-12))))
+    while new_lo + bins * k * width < need_hi:  # float safety
         k += 1
-    idx = (j + np.arange(bins)) // k
-    return np.bincount(idx, weights=counts, minlength=bins)[:bins].astype(np.int64), new_lo, width * k
+    if len(occupied):
+        k = max(k, -(-(int(occupied[-1]) - i + 1) // bins))  # every counted bin inside the new grid
+    idx = (occupied - i) // k
+    grown = np.bincount(idx, weights=counts[occupied], minlength=bins)[:bins] if len(occupied) \
+        else np.zeros(bins)
+    return grown.astype(np.int64), new_lo, width * k

@@ -13,10 +13,10 @@
 
 **Histogram design: one pass, fixed bin count, exact re-binning when the range grows.** The first chunk sets the
 range ``[min(x, 0), max(x, 0)]``. When a later chunk falls outside, the range grows exactly
-(:func:`~qfrewrite.quant.histogram_grid.regrown`: a whole number of bins to the left, an integer widening of the
-bins, old bins merged whole). The price is
-resolution: after growth the histogram can be up to ``k`` times coarser than one over the final range, which the
-default 2048 bins absorb (the range search needs a few hundred).
+(:func:`~qfrewrite.quant.histogram_grid.regrown`: the new grid starts on an edge of the old one and its bins are a
+whole number of old bins wide, old bins merged whole, fitted to the values counted so far and the new ones). The
+price is resolution: after growth the values can span as few as half the bins, which the default 2048 bins absorb
+(the range search needs a few hundred).
 
 The data run through the float graph ``chunk`` images at a time (by default as many as keep one call's values near
 256 MB) in a :class:`~qfrewrite.backend.executor.ReducingExecutor`: the per-channel min/max and the histogram's

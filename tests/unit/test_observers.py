@@ -28,6 +28,22 @@ def test_histogram_regrowth_matches_one_histogram_of_everything():
     assert np.abs(h.counts - ref).sum() <= 4
 
 
+def test_histogram_growth_keeps_the_grid_on_the_data():
+    """A two-sided stream whose minimum falls a little in every chunk: each growth fits the grid to what it holds, so
+    the values span at least half the bins at the end (keeping the old extent doubled the span at every growth, and
+    ten growths left the values on a few of the 256 bins), and the counts stay exact."""
+    rng = np.random.default_rng(3)
+    h = StreamingHistogram(bins=256)
+    chunks = [np.concatenate([rng.uniform(-1.0 - 0.05 * i, 1.0, 500), [-1.0 - 0.05 * i]]) for i in range(10)]
+    for c in chunks:
+        h.update(c.astype(np.float32))
+    data = np.concatenate(chunks)
+    assert h.lo <= data.min() and h.hi >= data.max() and h.counts.sum() == data.size
+    assert (data.max() - data.min()) / (h.hi - h.lo) > 0.5
+    ref, _ = np.histogram(data, bins=h.edges)
+    assert np.abs(h.counts - ref).sum() <= 4
+
+
 def test_histogram_constant_and_zero_data():
     h = StreamingHistogram(bins=16)
     h.update(np.zeros(10, np.float32))
