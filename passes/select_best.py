@@ -11,9 +11,9 @@ calibration images (the shared pass continued over the held-back ones,
 :class:`~qfrewrite.analysis.calibration_pass.CalibrationPass`, so the data are read once in all), and the graph it
 then makes is the one returned. The default, ``refit=False``, returns the graph that was scored: on MobileNetV2 and
 EfficientNet-Lite0 with 500 calibration images (``recipes.dfq()``, TFLite top-1 on 500 other ../shared images,
-per-channel / per-tensor, at commit f5c93f7) the refit scored 82.2 / 82.6 and 87.0 / 87.4 against 81.8 / 83.6 and 87.0 / 87.2 without
-it, a few images either way, and took 1.3 / 3.1 s more on MobileNetV2 (the held-back images observed, the kept
-pipeline run again).
+per-channel / per-tensor, at commit f5c93f7) the refit scored 82.2 / 82.6 and 87.0 / 87.4 against 81.8 / 83.6 and
+87.0 / 87.2 without it, a few images either way, and took 1.3 / 3.1 s more on MobileNetV2 (the held-back images
+observed, the kept pipeline run again).
 
 The candidates share one calibration pass: the activation statistics of the graph as it came in (every activation's
 observers and the mean maps of the weighted layers' inputs, :mod:`qfrewrite.analysis.calibration_pass`) are computed

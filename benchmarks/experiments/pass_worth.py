@@ -51,8 +51,9 @@ def main(argv=None) -> int:
             print(f"{name} {args.weights} calibrated on {split}: float top-1 "
                   f"{100 * np.mean(reference - offset == labels):.1f}", flush=True)
             right = {}
+            recipes_by_name = variants(args.weights)
             for key in args.variants:
-                recipe = variants(args.weights)[key]
+                recipe = recipes_by_name[key]
                 t0 = time.perf_counter()
                 preds = predictions_tflite(qfrewrite.rewrite(graph, recipe, data=calib).to_tflite(), evals)
                 right[key] = preds - offset == labels

@@ -30,14 +30,13 @@ def test_the_kept_pipeline_is_calibrated_again_on_all_the_images(rng):
     its graph is the one its pipeline alone makes from all of them, not the one that was scored."""
     g = FoldBatchNorm().run(dead_channel_mobilenet(rng, pad="VALID"), Context()).graph
     x = rng.normal(size=(40, 12, 12, 3)).astype(np.float32)
-    candidates = {"tensor": [InsertFakeQuant(weights="per_tensor", activations="minmax")],
-                  "channel": [InsertFakeQuant(weights="per_channel", activations="minmax")]}
+    candidates = {w: [InsertFakeQuant(weights=w, activations="minmax")] for w in ("per_tensor", "per_channel")}
     scored = SelectBest(candidates).run(g.copy(), Context(data=as_calibration_set(x, g)))
     res = SelectBest(candidates, refit=True).run(g.copy(), Context(data=as_calibration_set(x, g)))
     kept = res.stats["kept"]
     assert kept == scored.stats["kept"] and res.stats["recalibrated_on"] == 40 and "all 40" in res.stats["why"]
-    alone = PassManager([InsertFakeQuant(weights=kept.replace("channel", "per_channel").replace("tensor", "per_tensor"),
-                                         activations="minmax")]).run(g.copy(), Context(data=as_calibration_set(x, g)))
+    alone = PassManager([InsertFakeQuant(weights=kept, activations="minmax")]).run(
+        g.copy(), Context(data=as_calibration_set(x, g)))
     refit_out = Executor(res.graph, quantize=True)(x)[0]
     np.testing.assert_allclose(refit_out, Executor(alone.graph, quantize=True)(x)[0], rtol=1e-6, atol=1e-6)
     # the held-back images moved the ranges: the scored graph differs
