@@ -14,8 +14,22 @@ else :func:`qfrewrite.quant.weights.planned_weight_quant` from the pipeline's
 **Algorithm** (:mod:`qfrewrite.numerics.rounding`): GPTQ (column-wise optimal brain quantization updates, columns in
 order of decreasing input energy), then coordinate-descent sweeps that move single weights one grid step when that
 lowers the error; each output channel keeps nearest rounding when the result does not lower its error, so no layer
-is worse than nearest rounding on the calibration data. The inputs are the float graph's (each layer is rounded
+is worse than nearest rounding on the calibration data (with block reconstruction, the guarantee is the block's:
+its output error is never above the layer-wise rounding's). The inputs are the float graph's (each layer is rounded
 for the inputs it sees in float, all layers from the same one pass).
+
+**Block reconstruction** (``blocks``; by default on below 8 weight bits, where a layer-wise objective leaves most
+of the loss: how the layers' errors compound through the activations that follow them). After the layer-wise
+rounding, the graph is cut into blocks that read a single value (a residual block is never cut inside, at least
+three weighted layers each), and each block's kernels are rounded together for the block's output, AdaRound's soft
+rounding trained on it (:mod:`qfrewrite.backend.block_reconstruction`: ``block_iterations`` Adam steps of 32 of the
+first ``block_images`` calibration images, the block fed the rounded model's input and compared with the float
+model's output, so it also compensates what the blocks before it lost). A block keeps the result only when it
+lowers the block's output error on those images; otherwise it keeps the layer-wise rounding. The activations stay
+float (weight-only reconstruction). While :class:`SelectBest` compares candidates it is left out
+(:meth:`defers_while_compared`): layer-wise rounding ranks them, and the kept pipeline runs again in full.
+``stats["blocks"]`` gives each block's layers, output error with the layer-wise and with the reconstructed rounding,
+which it kept, and its seconds.
 
 The kernel is replaced by its grid values and ``weight_quant`` set, so InsertFakeQuant and the emitters store
 exactly these codes (fake quantization of a grid value is the value itself).
@@ -48,7 +62,7 @@ from qfrewrite.numerics.kernels import as_rows, from_rows
 from qfrewrite.numerics.metrics import power_ratio_db
 from qfrewrite.numerics.quantize import nudge
 from qfrewrite.numerics.rounding import Grid, round_rows, row_errors
-from qfrewrite.pass_infra import Context, Pass, PassResult, Skip
+from qfrewrite.pass_infra import COMPARING, Context, Pass, PassResult, Skip
 from qfrewrite.quant.weights import GRANULARITIES, WEIGHT_METHODS, planned_weight_quant, quantized_kernel
 from qfrewrite.spec import QuantSpec
 
@@ -77,7 +91,8 @@ class LearnedRounding(Pass):
     spec_options = {"weights": "weights", "bits": "weight_bits", "method": "weight_method"}
 
     def __init__(self, weights: Optional[str] = None, bits: Optional[int] = None, method: Optional[str] = None,
-                 correct_bias: bool = True, inputs: str = "float", damping: float = 0.01, sweeps: int = 2):
+                 correct_bias: bool = True, inputs: str = "float", damping: float = 0.01, sweeps: int = 2,
+                 blocks: Optional[bool] = None, block_iterations: int = 500, block_images: int = 256):
         if weights is not None and weights not in GRANULARITIES:
             raise QfrewriteError(f"LearnedRounding weights must be one of {GRANULARITIES}, got {weights!r}")
         if method is not None and method not in WEIGHT_METHODS:
@@ -92,6 +107,12 @@ class LearnedRounding(Pass):
         self.bits = None if bits is None else int(bits)
         self.correct_bias, self.damping, self.sweeps = bool(correct_bias), float(damping), int(sweeps)
         self.inputs = inputs
+        if blocks not in (None, True, False):
+            raise QfrewriteError(f"LearnedRounding blocks must be None (below 8 weight bits), True or False, got {blocks!r}")
+        if int(block_iterations) < 1 or int(block_images) < 2:
+            raise QfrewriteError(f"LearnedRounding needs block_iterations >= 1 and block_images >= 2, got "
+                                 f"{block_iterations} and {block_images}")
+        self.blocks, self.block_iterations, self.block_images = blocks, int(block_iterations), int(block_images)
 
     def contract(self, spec: QuantSpec) -> Contract:
         ensures = {Property.WEIGHTS_ROUNDED, Property.WEIGHTS_FINAL}
@@ -103,6 +124,8 @@ class LearnedRounding(Pass):
         opts = [f"{k}={getattr(self, k)!r}" for k in ("weights", "bits", "method") if getattr(self, k) is not None]
         if not self.correct_bias:
             opts.append("correct_bias=False")
+        if self.blocks is not None:
+            opts.append(f"blocks={self.blocks}")
         return f"LearnedRounding({', '.join(opts)})"
 
     def _round_layer(self, graph: Graph, node: Node, fq: FakeQuantAttrs, p: Patches) -> Dict:
@@ -148,6 +171,30 @@ class LearnedRounding(Pass):
                                                   progress=False)
                 progress.update(1)
 
+    def defers_while_compared(self, spec: QuantSpec) -> bool:
+        """Block reconstruction (on below 8 weight bits unless ``blocks`` says) is left out while candidates are
+        compared: layer-wise rounding ranks them, and the kept one is reconstructed once."""
+        bits = self.bits if self.bits is not None else spec.resolved().weight_bits
+        return self.blocks if self.blocks is not None else bits < 8
+
+    def _reconstruct(self, graph: Graph, reference: Graph, ctx: Context, planned: Dict):
+        """Block reconstruction (:mod:`qfrewrite.backend.block_reconstruction`) of the layer-wise rounding, on the
+        first ``block_images`` calibration images; ``None`` when the graph cannot be cut into blocks."""
+        from qfrewrite.backend.block_reconstruction import block_count, reconstruct_blocks
+
+        if block_count(graph) == 0:
+            return None
+        images, have = [], 0
+        for batch in ctx.data.batches():
+            images.append(np.asarray(batch, np.float32)[:self.block_images - have])
+            have += len(images[-1])
+            if have >= self.block_images:
+                break
+        grids = {name: fq for name, (_, fq) in planned.items()}
+        with tqdm(total=block_count(graph), desc="block reconstruction", unit="block", leave=False) as progress:
+            return reconstruct_blocks(graph, reference, np.concatenate(images), grids,
+                                      iterations=self.block_iterations, progress=progress)
+
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         ctx.require_data(self.name)
         weights, method, bits = (self.option(ctx, "weights"), self.option(ctx, "method"),
@@ -164,6 +211,10 @@ class LearnedRounding(Pass):
             planned[node.name] = (node, fq)
         if not planned:
             return PassResult(graph, False, {"rounded": 0}, skipped + [Skip(None, "no kernel to round")])
+        by_blocks = self.blocks if self.blocks is not None else any(fq.bits < 8 for _, fq in planned.values())
+        deferred = by_blocks and bool(ctx.options.get(COMPARING))
+        by_blocks = by_blocks and not deferred
+        reference = graph.copy() if by_blocks else None
         layers: Dict[str, Dict] = {}
         for group, moments in self._moments(graph, ctx, planned):
             for name in group:
@@ -171,12 +222,24 @@ class LearnedRounding(Pass):
                 layers[name] = self._round_layer(graph, node, fq, moments[name])
                 log.debug("%s: output SQNR %.2f dB with nearest rounding, %.2f dB learned", name,
                           layers[name]["nearest_sqnr_db"], layers[name]["learned_sqnr_db"])
+        blocks = self._reconstruct(graph, reference, ctx, planned) if by_blocks else None
         graph.remove_unused()
         gains = [v["learned_sqnr_db"] - v["nearest_sqnr_db"] for v in layers.values()
                  if np.isfinite(v["learned_sqnr_db"]) and np.isfinite(v["nearest_sqnr_db"])]
         stats = {"rounded": len(layers), "weights": weights, "bits": bits, "method": method, "inputs": self.inputs,
                  "images": len(ctx.data), "bias_corrected": self.correct_bias,
                  "mean_gain_db": float(np.mean(gains)) if gains else 0.0, "layers": layers}
+        if blocks is not None:
+            stats["blocks"] = [b.as_dict() for b in blocks]
+            stats["block_seconds"] = round(sum(b.seconds for b in blocks), 2)
+            log.info("block reconstruction: %d of %d blocks kept it, %.0f s", sum(b.kept for b in blocks),
+                     len(blocks), stats["block_seconds"])
+        elif deferred:
+            stats["blocks_deferred"] = True
+            skipped.append(Skip(None, "block reconstruction left out while candidate pipelines are compared"))
+        elif by_blocks:
+            skipped.append(Skip(None, "block reconstruction needs a graph with one input and one output; "
+                                      "the layer-wise rounding is kept"))
         log.info("learned rounding: %d layers, output SQNR %+.2f dB on average over nearest rounding (W%d %s)",
                  len(layers), stats["mean_gain_db"], bits, weights)
         return PassResult(graph, True, stats, skipped)

@@ -30,7 +30,7 @@ from .errors import DataError, PassError, PostconditionError, PreconditionError,
 from .ir import Graph
 from .spec import QuantSpec, merge_statements
 
-__all__ = ["Pass", "PassResult", "Skip", "Context", "PassManager", "Analysis", "Instrument", "PassRecord",
+__all__ = ["COMPARING", "Pass", "PassResult", "Skip", "Context", "PassManager", "Analysis", "Instrument", "PassRecord",
            "pass_classes", "ordered"]
 
 log = logging.getLogger(__name__)
@@ -135,6 +135,10 @@ class Context:
 _REGISTRY: Dict[str, type] = {}
 
 
+#: the context option under which candidate pipelines run while being compared (:meth:`Pass.defers_while_compared`)
+COMPARING = "comparing"
+
+
 class Pass:
     """Base class of every pass. Subclasses set ``exact``, their contract and ``needs_data``, and implement
     :meth:`run`.
@@ -179,6 +183,12 @@ class Pass:
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def defers_while_compared(self, spec: QuantSpec) -> bool:
+        """True when, under the resolved ``spec``, the pass leaves part of its work out while candidate pipelines
+        are being compared (its context's ``options[COMPARING]`` set), so that a comparison must run the kept
+        pipeline again in full (:class:`~qfrewrite.passes.SelectBest`). Default: never."""
+        return False
 
     def __call__(self, graph: Graph, ctx: Optional[Context] = None) -> PassResult:
         return self.run(graph, ctx if ctx is not None else Context(spec=self.spec_statement()))

@@ -6,21 +6,23 @@
 * :func:`const_operand`: the non-constant and the constant operand of a binary node;
 * :func:`bn_affine`: a BatchNorm node as ``y = x * scale + shift`` (:mod:`qfrewrite.numerics.batchnorm`);
 * :func:`batchnorm_fold_target`: the layer a BatchNorm can be folded into, or why none;
-* :func:`padding_free`: a layer whose every output position sees a full receptive field (reads no zero padding).
+* :func:`padding_free`: a layer whose every output position sees a full receptive field (reads no zero padding);
+* :func:`single_input_segments`: the graph cut, in topological order, where a single value carries everything that
+  follows (a residual block cannot be cut inside).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import numpy as np
 
 from ..numerics.batchnorm import bn_scale_shift
-from .graph import Node, Value
+from .graph import Graph, Node, Value
 from .ops import WEIGHTED_OPS, Op
 from .shapes import resolve_pads
 
 __all__ = ["is_graph_output", "sole_reader", "sole_reader_or_reason", "const_operand", "bn_affine",
-           "batchnorm_fold_target", "padding_free"]
+           "batchnorm_fold_target", "padding_free", "single_input_segments"]
 
 
 def is_graph_output(value: Value) -> bool:
@@ -96,3 +98,42 @@ def padding_free(node: Node) -> bool:
         return False
     pads = resolve_pads(a.padding, node.inputs[0].shape[1:3], k.shape[:2], a.strides, a.dilations)
     return pads == ((0, 0), (0, 0))
+
+
+def single_input_segments(graph: Graph, min_weighted: int = 1) -> Optional[List[Tuple[Value, List[Node]]]]:
+    """The graph's nodes in topological order, cut into segments ``(input, nodes)`` that each read one value only,
+    the one the segment before produced (the first: the graph's input).
+
+    A cut may follow a node when the only non-constant value still to be read (by a later node or as a graph
+    output) is that node's output, and the segment before it holds at least ``min_weighted`` weighted layers; of
+    those places, the cut is made at the last one before the next weighted layer, so a layer's activation (and
+    whatever else follows it up to the next layer) stays with it. Branches (residual blocks, squeeze-excite) are
+    therefore never cut inside, and what follows the last weighted layer joins the last segment. ``None`` when the
+    graph does not start from a single input value or ends in more than one output."""
+    if len(graph.inputs) != 1 or len(graph.outputs) != 1:
+        return None
+    order = graph.topological_order()
+    last_read = {}
+    for i, node in enumerate(order):
+        for v in node.inputs:
+            if not v.is_const:
+                last_read[v.name] = i
+    for v in graph.outputs:
+        last_read[v.name] = len(order)
+    cuts, live, weighted, candidate = [], {graph.inputs[0].name}, 0, None
+    for i, node in enumerate(order):
+        if node.op in WEIGHTED_OPS:
+            if candidate is not None:
+                cuts.append(candidate)
+                weighted, candidate = 0, None
+            weighted += 1
+        live.add(node.output.name)
+        live = {v for v in live if last_read.get(v, -1) > i}
+        if live == {node.output.name} and weighted >= min_weighted:
+            candidate = i
+    segments: List[Tuple[Value, List[Node]]] = []
+    start, begin = graph.inputs[0], 0
+    for cut in cuts + [len(order) - 1]:
+        segments.append((start, order[begin:cut + 1]))
+        start, begin = order[cut].output, cut + 1
+    return segments

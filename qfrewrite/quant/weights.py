@@ -16,13 +16,15 @@ This is the one function every pass uses to decide weight quantization, so bias 
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import numpy as np
 
 from ..errors import QfrewriteError
 from ..ir import WEIGHTED_OPS, FakeQuantAttrs, Node, Op
-from ..numerics.quantize import fake_quant_np, kernel_channels_last, symmetric_weight_attrs
+from ..numerics.quantize import fake_quant_np, kernel_channels_last, nudge, symmetric_weight_attrs
 
-__all__ = ["weight_quant_attrs", "planned_weight_quant", "quantized_kernel", "mse_weight_absmax", "GRANULARITIES",
+__all__ = ["weight_quant_attrs", "planned_weight_quant", "quantized_kernel", "kernel_grid", "mse_weight_absmax", "GRANULARITIES",
            "WEIGHT_METHODS", "MIN_ABSMAX"]
 
 GRANULARITIES = ("per_channel", "per_tensor")
@@ -108,3 +110,20 @@ def quantized_kernel(node: Node, fq: FakeQuantAttrs) -> np.ndarray:
         kh, kw, c, m = k.shape
         return fake_quant_np(k.reshape(kh, kw, c * m), lo, hi, fq.bits, fq.narrow_range).reshape(k.shape)
     return fake_quant_np(k, lo, hi, fq.bits, fq.narrow_range)
+
+
+def kernel_grid(node: Node, fq: FakeQuantAttrs) -> Tuple[np.ndarray, np.ndarray, int]:
+    """The grid ``fq`` puts ``node``'s kernel on, in the kernel's own layout: ``(nlo, step, n)`` such that the
+    kernel may take the values ``nlo + k * step``, integer ``k`` in ``[0, n]``; ``nlo`` and ``step`` (float64)
+    broadcast against the kernel (per-channel: along the output channels, depthwise channel ``c * M + m``), with
+    TensorFlow's range nudging (:func:`~qfrewrite.numerics.quantize.nudge`)."""
+    nlo, _, step = nudge(np.asarray(fq.lo), np.asarray(fq.hi), fq.bits, fq.narrow_range)
+    n = 2 ** fq.bits - 1 - (1 if fq.narrow_range else 0)
+    shape = node.weight.const.shape
+    if len(fq.lo) == 1 and fq.axis is None:
+        bshape = (1,) * len(shape)
+    elif node.op is Op.DEPTHWISE_CONV2D:
+        bshape = (1,) * (len(shape) - 2) + tuple(shape[-2:])
+    else:
+        bshape = (1,) * (len(shape) - 1) + (shape[-1],)
+    return nlo.reshape(bshape), step.reshape(bshape), n

@@ -104,7 +104,7 @@ def test_the_pass_beats_nearest_rounding_on_the_int8_layer(rng, op, weights):
     ref = Executor(g)(x)[0].astype(np.float64)
     spec = QuantSpec(weights=weights, weight_bits=4)
     errs = {}
-    for name, p in (("nearest", CorrectBias()), ("learned", LearnedRounding())):
+    for name, p in (("nearest", CorrectBias()), ("learned", LearnedRounding(blocks=False))):
         work = g.copy()
         res = p(work, Context(CalibrationSet([x]), spec=spec))
         verify(work)
@@ -128,7 +128,7 @@ def test_the_bias_absorbs_the_mean_error(rng):
     g = _layer(rng, Op.CONV2D)
     x = _correlated_inputs(rng, 16)
     ref = Executor(g)(x)[0].astype(np.float64).mean(axis=(0, 1, 2))
-    LearnedRounding()(g, Context(CalibrationSet([x]), spec=QuantSpec(weight_bits=4)))
+    LearnedRounding(blocks=False)(g, Context(CalibrationSet([x]), spec=QuantSpec(weight_bits=4)))
     got = Executor(g, quantize=True)(x)[0].astype(np.float64).mean(axis=(0, 1, 2))
     np.testing.assert_allclose(got, ref, atol=1e-4 * max(1.0, np.abs(ref).max()))
 
@@ -212,7 +212,7 @@ def test_each_layer_keeps_its_own_weight_bits_and_reuses_handed_on_moments(rng):
 
     ctx.data = NoBatches([x])
     ctx.put(PatchMoments(names), g, moments)
-    res = LearnedRounding()(g, ctx)
+    res = LearnedRounding(blocks=False)(g, ctx)  # block reconstruction reads the images (test above)
     layers = res.stats["layers"]
     assert layers[depthwise.name]["bits"] == 4
     assert {v["bits"] for k, v in layers.items() if k != depthwise.name} == {8}
@@ -221,3 +221,90 @@ def test_each_layer_keeps_its_own_weight_bits_and_reuses_handed_on_moments(rng):
     for n in g.find(Op.CONV2D, Op.DENSE):
         assert n.weight_quant.bits == 8
         np.testing.assert_array_equal(quantized_kernel(n, n.weight_quant), n.weight.const)
+
+
+def _residual_graph(rng, hw=8, c=6):
+    """conv -> relu6 -> [depthwise -> relu6 -> 1x1 conv] + skip -> 1x1 conv -> relu: one residual block."""
+    from qfrewrite.ir import ClipAttrs
+
+    g = Graph("residual")
+    x = g.add_input("x", (None, hw, hw, 3))
+
+    def layer(op, y, kshape, attrs, clip=True):
+        n = kshape[2] * kshape[3] if op is Op.DEPTHWISE_CONV2D else kshape[3]
+        y = g.add_node(op, [y, g.const(rng.normal(scale=0.4, size=kshape)), g.const(rng.normal(scale=0.1, size=n))],
+                       attrs).output
+        return g.add_node(Op.CLIP, [y], ClipAttrs(0.0, 6.0)).output if clip else y
+
+    a = layer(Op.CONV2D, x, (3, 3, 3, c), ConvAttrs((1, 1), "SAME"))
+    b = layer(Op.DEPTHWISE_CONV2D, a, (3, 3, c, 1), ConvAttrs((1, 1), "SAME"))
+    b = layer(Op.CONV2D, b, (1, 1, c, c), ConvAttrs(), clip=False)
+    s = g.add_node(Op.ADD, [a, b]).output
+    g.outputs = [layer(Op.CONV2D, s, (1, 1, c, 4), ConvAttrs((1, 1), "SAME"))]
+    return g
+
+
+def test_segments_read_one_value_and_never_cut_a_residual_block(rng):
+    from qfrewrite.ir import single_input_segments
+
+    g = _residual_graph(rng)
+    segments = single_input_segments(g, min_weighted=1)
+    assert [n.name for _, nodes in segments for n in nodes] == [n.name for n in g.topological_order()]
+    for start, nodes in segments:
+        produced = {n.output.name for n in nodes}
+        reads = {v.name for n in nodes for v in n.inputs if not v.is_const and v.name not in produced}
+        assert reads == {start.name}
+    add = g.find(Op.ADD)[0]
+    holding = [nodes for _, nodes in segments if add in nodes][0]
+    assert {n.op for n in holding} >= {Op.DEPTHWISE_CONV2D, Op.ADD}  # the branch and its skip in one segment
+    assert [sum(n.op in (Op.CONV2D, Op.DEPTHWISE_CONV2D) for n in nodes) for _, nodes in segments] == [1, 2, 1]
+    two = g.copy()
+    two.outputs = [two.outputs[0], two.find(Op.ADD)[0].output]
+    assert single_input_segments(two) is None
+
+
+def _block_error(g, ref_graph, x):
+    y = Executor(g, quantize=True)(x)[0].astype(np.float64)
+    return float(((y - Executor(ref_graph)(x)[0]) ** 2).sum() / len(x))
+
+
+def test_block_reconstruction_lowers_the_output_error_of_the_layerwise_rounding(rng):
+    """3-bit weights on a graph of four layers, two blocks (the first three layers with the residual block, then the
+    last layer): rounding the first block's kernels together for its output lowers its output error below the
+    layer-wise rounding's, the model's output error ends below the layer-wise rounding's and equal to what the
+    report gives for the last block, the kernels stay on exactly their grid, and with too little training every
+    block keeps the layer-wise rounding, bit for bit."""
+    g = _residual_graph(rng)
+    x = rng.uniform(0, 1, (64, 8, 8, 3)).astype(np.float32)
+    spec = QuantSpec(weight_bits=3)
+    layerwise = g.copy()
+    LearnedRounding(blocks=False)(layerwise, Context(CalibrationSet([x]), spec=spec))
+    blocked = g.copy()
+    res = LearnedRounding(block_iterations=300)(blocked, Context(CalibrationSet([x]), spec=spec))
+    verify(blocked)
+    first, last = res.stats["blocks"]
+    assert len(first["layers"]) == 3 and len(last["layers"]) == 1
+    assert first["kept"] and first["reconstructed_error"] < first["layerwise_error"]
+    final = last["reconstructed_error"] if last["kept"] else last["layerwise_error"]
+    np.testing.assert_allclose(_block_error(blocked, g, x), final, rtol=1e-3)
+    assert _block_error(blocked, g, x) < _block_error(layerwise, g, x)
+    for node in blocked.find(Op.CONV2D, Op.DEPTHWISE_CONV2D):
+        np.testing.assert_array_equal(quantized_kernel(node, node.weight_quant), node.weight.const)
+    short = g.copy()
+    res = LearnedRounding(block_iterations=1)(short, Context(CalibrationSet([x]), spec=spec))
+    assert not any(b["kept"] for b in res.stats["blocks"])  # one step from the layer-wise codes moves none
+    for a, b in zip(short.find(Op.CONV2D, Op.DEPTHWISE_CONV2D), layerwise.find(Op.CONV2D, Op.DEPTHWISE_CONV2D)):
+        np.testing.assert_array_equal(a.weight.const, b.weight.const)
+
+
+def test_block_reconstruction_only_below_eight_bits_and_on_single_output_graphs(rng):
+    g = _residual_graph(rng)
+    x = rng.uniform(0, 1, (16, 8, 8, 3)).astype(np.float32)
+    res = LearnedRounding()(g.copy(), Context(CalibrationSet([x]), spec=QuantSpec(weight_bits=8)))
+    assert "blocks" not in res.stats
+    two = g.copy()
+    two.outputs = [two.outputs[0], two.find(Op.ADD)[0].output]
+    res = LearnedRounding(block_iterations=2)(two, Context(CalibrationSet([x]), spec=QuantSpec(weight_bits=4)))
+    assert "blocks" not in res.stats and any("one input and one output" in s.reason for s in res.skipped)
+    with pytest.raises(QfrewriteError, match="blocks"):
+        LearnedRounding(blocks="yes")

@@ -49,3 +49,22 @@ def test_candidates_that_change_nothing_leave_the_graph_alone(rng):
     res = SelectBest({"fold": [FoldBatchNorm()], "nothing": []}).run(g.copy(), Context(data=as_calibration_set(x, g)))
     assert not res.modified
     np.testing.assert_array_equal(Executor(res.graph)(x)[0], Executor(g)(x)[0])
+
+
+def test_block_reconstruction_waits_for_the_choice_and_runs_once_on_the_kept_pipeline(rng):
+    """At 4 bits LearnedRounding's block reconstruction is left out while the candidates are compared (layer-wise
+    rounding ranks them) and runs once, on the kept pipeline, run again in full on all the images; at 8 bits, where
+    there is none, the scored graph is kept as it was."""
+    from qfrewrite.passes import LearnedRounding
+    from qfrewrite.spec import QuantSpec
+
+    g = FoldBatchNorm().run(dead_channel_mobilenet(rng, pad="VALID"), Context()).graph
+    x = rng.normal(size=(40, 12, 12, 3)).astype(np.float32)
+    candidates = {w: [LearnedRounding(weights=w, block_iterations=20), InsertFakeQuant(weights=w)]
+                  for w in ("per_tensor", "per_channel")}
+    res = SelectBest(candidates).run(g.copy(), Context(data=as_calibration_set(x, g), spec=QuantSpec(weight_bits=4)))
+    assert res.stats["recalibrated_on"] == 40 and "run again in full (LearnedRounding" in res.stats["why"]
+    rounding = [r for r in res.nested if r.name == "LearnedRounding"]
+    assert len(rounding) == 1 and "blocks" in rounding[0].stats and "blocks_deferred" not in rounding[0].stats
+    res8 = SelectBest(candidates).run(g.copy(), Context(data=as_calibration_set(x, g), spec=QuantSpec(weight_bits=8)))
+    assert "recalibrated_on" not in res8.stats
