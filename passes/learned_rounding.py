@@ -108,7 +108,8 @@ class LearnedRounding(Pass):
         self.correct_bias, self.damping, self.sweeps = bool(correct_bias), float(damping), int(sweeps)
         self.inputs = inputs
         if blocks not in (None, True, False):
-            raise QfrewriteError(f"LearnedRounding blocks must be None (below 8 weight bits), True or False, got {blocks!r}")
+            raise QfrewriteError(f"LearnedRounding blocks must be None (below 8 weight bits), True or False, "
+                                 f"got {blocks!r}")
         if int(block_iterations) < 1 or int(block_images) < 2:
             raise QfrewriteError(f"LearnedRounding needs block_iterations >= 1 and block_images >= 2, got "
                                  f"{block_iterations} and {block_images}")

@@ -20,10 +20,10 @@ images, before and after.
 ``NIMG`` (environment) limits the calibration images the reconstruction uses (default 500), ``ACTQ=0`` keeps the
 activations float while training (not run with this script; the library's weight-only version is
 ``LearnedRounding(blocks=True)``). Run on the 2-core machine, 2026-12-03 (500 images, activations quantized, 18
-blocks of 3 layers, the last of 2): GPTQ alone 75.8 simulated top-1 (float 83.6); 20 steps per block 76.0 (39 s, before the base followed the GPTQ codes);
-500 steps at LR 1e-2 79.4 (368 s), at 3e-2 79.8 (388 s), at 1e-1 79.4 (377 s, the lowest block errors). The first
-block (stem, depthwise and projection at 112 x 112) kept its GPTQ rounding in every run: its trained rounding had
-a higher error.
+blocks of 3 layers, the last of 2): GPTQ alone 75.8 simulated top-1 (float 83.6); 20 steps per block 76.0 (39 s,
+before the base followed the GPTQ codes); 500 steps at LR 1e-2 79.4 (368 s), at 3e-2 79.8 (388 s), at 1e-1 79.4
+(377 s, the lowest block errors). The first block (stem, depthwise and projection at 112 x 112) kept its GPTQ
+rounding in every run: its trained rounding had a higher error.
 """
 import os
 import sys

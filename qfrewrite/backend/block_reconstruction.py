@@ -12,7 +12,7 @@ residual block is never cut inside), and its kernels are rounded together for it
   codes the layer-wise rounding chose (``h = 0.96`` or ``0.04``; where that rounding moved a weight more than one
   step from its float value, ``base`` follows its code);
 * ``V`` is trained with Adam on
-  ``mean over images and positions of sum over channels (block_q(x_q) - block_f(x_f))^2 + lam * sum (1 - |2h - 1|^beta)``,
+  ``mean_{images, positions} sum_channels (block_q(x_q) - block_f(x_f))^2 + lam * sum (1 - |2h - 1|^beta)``,
   where ``x_q`` is the block's input in the rounded model (the blocks before it already reconstructed),
   ``block_f(x_f)`` the float model's output of the same block on the same images (so a block also compensates the
   error it receives), ``lam = 0.01``, and ``beta`` annealed from 20 to 2 after the first fifth of the steps

@@ -24,8 +24,8 @@ from ..errors import QfrewriteError
 from ..ir import WEIGHTED_OPS, FakeQuantAttrs, Node, Op
 from ..numerics.quantize import fake_quant_np, kernel_channels_last, nudge, symmetric_weight_attrs
 
-__all__ = ["weight_quant_attrs", "planned_weight_quant", "quantized_kernel", "kernel_grid", "mse_weight_absmax", "GRANULARITIES",
-           "WEIGHT_METHODS", "MIN_ABSMAX"]
+__all__ = ["weight_quant_attrs", "planned_weight_quant", "quantized_kernel", "kernel_grid", "mse_weight_absmax",
+           "GRANULARITIES", "WEIGHT_METHODS", "MIN_ABSMAX"]
 
 GRANULARITIES = ("per_channel", "per_tensor")
 WEIGHT_METHODS = ("minmax", "mse")
