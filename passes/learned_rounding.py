@@ -57,13 +57,14 @@ from tqdm.auto import tqdm
 from qfrewrite.analysis.patch_moments import Patches, gather_patch_moments, patch_moments
 from qfrewrite.contracts import Contract, Property
 from qfrewrite.errors import QfrewriteError
-from qfrewrite.ir import WEIGHTED_OPS, FakeQuantAttrs, Graph, Node, layer_kind, set_bias, set_kernel
+from qfrewrite.ir import (WEIGHTED_OPS, FakeQuantAttrs, Graph, Node, layer_kind, set_bias, set_kernel,
+                          single_input_segments)
 from qfrewrite.numerics.kernels import as_rows, from_rows
 from qfrewrite.numerics.metrics import power_ratio_db
-from qfrewrite.numerics.quantize import nudge
 from qfrewrite.numerics.rounding import Grid, round_rows, row_errors
 from qfrewrite.pass_infra import COMPARING, Context, Pass, PassResult, Skip
-from qfrewrite.quant.weights import GRANULARITIES, WEIGHT_METHODS, planned_weight_quant, quantized_kernel
+from qfrewrite.quant.weights import (GRANULARITIES, WEIGHT_METHODS, kernel_grid, planned_weight_quant,
+                                     quantized_kernel)
 from qfrewrite.spec import QuantSpec
 
 __all__ = ["LearnedRounding"]
@@ -74,12 +75,10 @@ _INPUTS = ("quantized", "float")
 
 
 def _grid(node: Node, fq: FakeQuantAttrs, rows_shape) -> Grid:
-    """The per-row grids of ``fq`` shaped for :func:`~qfrewrite.numerics.kernels.as_rows`'s layout."""
-    nlo, _, step = nudge(np.asarray(fq.lo), np.asarray(fq.hi), fq.bits, fq.narrow_range)
-    n = 2 ** fq.bits - 1 - (1 if fq.narrow_range else 0)
-    if len(fq.lo) == 1:
-        return Grid(nlo.reshape(1), step.reshape(1), n)
-    shape = rows_shape[:-1] + (1,)  # (R, 1) or (C, M, 1): output channel c*M+m is row (c, m)
+    """The per-row grids of ``fq`` (:func:`~qfrewrite.quant.weights.kernel_grid`) shaped for
+    :func:`~qfrewrite.numerics.kernels.as_rows`'s layout."""
+    nlo, step, n = kernel_grid(node, fq)
+    shape = (1,) if len(fq.lo) == 1 else rows_shape[:-1] + (1,)  # (R, 1) or (C, M, 1): channel c*M+m is row (c, m)
     return Grid(nlo.reshape(shape), step.reshape(shape), n)
 
 
@@ -172,29 +171,27 @@ class LearnedRounding(Pass):
                                                   progress=False)
                 progress.update(1)
 
-    def defers_while_compared(self, spec: QuantSpec) -> bool:
-        """Block reconstruction (on below 8 weight bits unless ``blocks`` says) is left out while candidates are
-        compared: layer-wise rounding ranks them, and the kept one is reconstructed once."""
-        bits = self.bits if self.bits is not None else spec.resolved().weight_bits
+    def _blocks_for(self, bits: int) -> bool:
+        """Whether block reconstruction runs for kernels of ``bits`` (the fewest a layer has): ``blocks`` when
+        stated, else below 8 bits."""
         return self.blocks if self.blocks is not None else bits < 8
+
+    def defers_while_compared(self, spec: QuantSpec) -> bool:
+        """Block reconstruction is left out while candidates are compared: layer-wise rounding ranks them, and the
+        kept one is reconstructed once."""
+        return self._blocks_for(self.bits if self.bits is not None else spec.resolved().weight_bits)
 
     def _reconstruct(self, graph: Graph, reference: Graph, ctx: Context, planned: Dict):
         """Block reconstruction (:mod:`qfrewrite.backend.block_reconstruction`) of the layer-wise rounding, on the
         first ``block_images`` calibration images; ``None`` when the graph cannot be cut into blocks."""
-        from qfrewrite.backend.block_reconstruction import block_count, reconstruct_blocks
+        from qfrewrite.backend.block_reconstruction import reconstruct_blocks
 
-        if block_count(graph) == 0:
+        if single_input_segments(graph) is None:
             return None
-        images, have = [], 0
-        for batch in ctx.data.batches():
-            images.append(np.asarray(batch, np.float32)[:self.block_images - have])
-            have += len(images[-1])
-            if have >= self.block_images:
-                break
+        first = ctx.data.subset(slice(0, self.block_images))
         grids = {name: fq for name, (_, fq) in planned.items()}
-        with tqdm(total=block_count(graph), desc="block reconstruction", unit="block", leave=False) as progress:
-            return reconstruct_blocks(graph, reference, np.concatenate(images), grids,
-                                      iterations=self.block_iterations, progress=progress)
+        return reconstruct_blocks(graph, reference, np.concatenate(list(first.batches())), grids,
+                                  iterations=self.block_iterations)
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         ctx.require_data(self.name)
@@ -212,7 +209,7 @@ class LearnedRounding(Pass):
             planned[node.name] = (node, fq)
         if not planned:
             return PassResult(graph, False, {"rounded": 0}, skipped + [Skip(None, "no kernel to round")])
-        by_blocks = self.blocks if self.blocks is not None else any(fq.bits < 8 for _, fq in planned.values())
+        by_blocks = self._blocks_for(min(fq.bits for _, fq in planned.values()))
         deferred = by_blocks and bool(ctx.options.get(COMPARING))
         by_blocks = by_blocks and not deferred
         reference = graph.copy() if by_blocks else None

@@ -37,7 +37,7 @@ from ..ir import FakeQuantAttrs, Graph, Node, set_kernel, single_input_segments
 from ..quant.weights import kernel_grid
 from .tf_lowering import _tf, lower_node
 
-__all__ = ["BlockResult", "reconstruct_blocks", "block_count", "ZETA", "GAMMA"]
+__all__ = ["BlockResult", "reconstruct_blocks", "ZETA", "GAMMA"]
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +98,13 @@ class _SoftKernels:
                  grids: Mapping[str, FakeQuantAttrs]):
         tf = _tf()
         self.names = [n.name for n in layers]
-        self.nlo, self.step, self.base, self.nmax, self.v, self.grid = {}, {}, {}, {}, {}, {}
+        self.grid, self.v = {}, {}
         for node in layers:
             nlo, step, n = kernel_grid(node, grids[node.name])
             codes = np.clip(np.round((node.weight.const - nlo) / step), 0, n)  # the layer-wise rounding's codes
             base = np.floor((float_kernels[node.name] - nlo) / step)
             base = np.where(codes > base + 1, codes - 1, np.where(codes < base, codes, base))
-            self.grid[node.name] = (nlo, step, base)
-            self.nlo[node.name] = tf.constant(nlo.astype(np.float32))
-            self.step[node.name] = tf.constant(step.astype(np.float32))
-            self.base[node.name] = tf.constant(base.astype(np.float32))
-            self.nmax[node.name] = float(n)
+            self.grid[node.name] = (nlo, step, base, float(n))
             self.v[node.name] = tf.Variable(np.where(codes > base, _INIT, -_INIT).astype(np.float32))
 
     def h(self, name: str):
@@ -118,16 +114,19 @@ class _SoftKernels:
     def kernels(self) -> Dict[str, object]:
         """The soft kernels (TF tensors), differentiable in ``V``."""
         tf = _tf()
-        return {k: self.nlo[k] + tf.clip_by_value(self.base[k] + self.h(k), 0.0, self.nmax[k]) * self.step[k]
-                for k in self.names}
+        out = {}
+        for k in self.names:
+            nlo, step, base, n = (tf.constant(a, tf.float32) for a in self.grid[k])
+            out[k] = nlo + tf.clip_by_value(base + self.h(k), 0.0, n) * step
+        return out
 
     def hard_kernels(self) -> Dict[str, np.ndarray]:
         """The rounding ``V >= 0`` decides, as float32 grid values computed like the layer-wise rounding's
         (``code * step + nlo`` in float64), so that an unchanged code gives a bit-identical kernel."""
         out = {}
         for k in self.names:
-            nlo, step, base = self.grid[k]
-            codes = np.clip(base + (self.v[k].numpy() >= 0), 0, self.nmax[k])
+            nlo, step, base, n = self.grid[k]
+            codes = np.clip(base + (self.v[k].numpy() >= 0), 0, n)
             out[k] = (codes * step + nlo).astype(np.float32)
         return out
 
@@ -167,12 +166,15 @@ def _train(nodes: Sequence[Node], soft: _SoftKernels, xq: np.ndarray, yf: np.nda
 
 def reconstruct_blocks(graph: Graph, reference: Graph, x: np.ndarray, grids: Mapping[str, FakeQuantAttrs],
                        iterations: int = 500, batch: int = 32, lr: float = 3e-2, min_layers: int = 3,
-                       progress=None) -> Optional[List[BlockResult]]:
+                       progress: bool = True) -> Optional[List[BlockResult]]:
     """Reconstruct the rounding of ``graph``'s kernels named in ``grids`` (already on those grids, by a layer-wise
     rounding) block by block against ``reference`` (the same graph with its float kernels and biases), on the
     images ``x`` (NHWC float32), in place: see the module docstring. Blocks hold at least ``min_layers`` weighted
-    layers. Returns one :class:`BlockResult` per block that holds a rounded kernel, or ``None`` when the graph
-    cannot be cut into single-input blocks (more than one input or output: nothing is changed)."""
+    layers; ``progress`` shows a bar that counts them. Returns one :class:`BlockResult` per block that holds a
+    rounded kernel, or ``None`` when the graph cannot be cut into single-input blocks (more than one input or
+    output: nothing is changed)."""
+    from tqdm.auto import tqdm
+
     segments = single_input_segments(graph, min_layers)
     if segments is None:
         return None
@@ -180,15 +182,14 @@ def reconstruct_blocks(graph: Graph, reference: Graph, x: np.ndarray, grids: Map
     xq = np.asarray(x, np.float32)
     xf = xq
     results: List[BlockResult] = []
-    for index, (_, nodes) in enumerate(segments):
+    bar = tqdm(segments, desc="block reconstruction", unit="block", leave=False, disable=not progress or None)
+    for index, (_, nodes) in enumerate(bar):
         t0 = time.perf_counter()
         ref_nodes = [reference.node(n.name) for n in nodes]
         yf, _ = _apply(ref_nodes, xf, {})
         layers = [n for n in nodes if n.name in grids]
         if not layers:
             xq, xf = _apply(nodes, xq, {})[0], yf
-            if progress is not None:
-                progress.update(1)
             continue
         soft = _SoftKernels(layers, float_kernels, grids)
         _, e_layerwise = _apply(nodes, xq, {}, yf)  # its output is made again if kept: one array less held
@@ -207,12 +208,5 @@ def reconstruct_blocks(graph: Graph, reference: Graph, x: np.ndarray, grids: Map
                                    time.perf_counter() - t0))
         log.debug("block %d (%s): output error %.4g with layer-wise rounding, %.4g reconstructed (%s)", index,
                   ", ".join(n.name for n in layers), e_layerwise, e_rec, "kept" if kept else "not kept")
-        if progress is not None:
-            progress.update(1)
+    bar.close()
     return results
-
-
-def block_count(graph: Graph, min_layers: int = 3) -> int:
-    """How many blocks :func:`reconstruct_blocks` walks (for a progress bar); 0 when the graph cannot be cut."""
-    segments = single_input_segments(graph, min_layers)
-    return 0 if segments is None else len(segments)
